@@ -1,0 +1,99 @@
+//! `mesh agent`: run a node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use mesh_transport::PublicKey;
+
+use crate::config::{AgentFlags, NodeConfig};
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// A TOML config file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// State directory (identity, content store, database). Default: the user's data dir.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// The node key file; default STATE/node.key, created on first start.
+    #[arg(long = "node-key-file")]
+    key: Option<PathBuf>,
+    /// Mesh (QUIC) listen address, HOST:PORT or a multiaddr; repeatable. Default 0.0.0.0:7400.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Admin endpoint address for the operator's CLI. Default 0.0.0.0:7401.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// A peer to join through, HOST:PORT or a multiaddr; repeatable.
+    #[arg(long)]
+    bootstrap: Vec<String>,
+    /// A label describing this node, KEY=VALUE; repeatable.
+    #[arg(long)]
+    label: Vec<String>,
+    /// A public key trusted to sign releases (hex); repeatable.
+    #[arg(long)]
+    release_key: Vec<PublicKey>,
+    /// How many distinct trusted keys must sign a release.
+    #[arg(long)]
+    threshold: Option<usize>,
+    /// An operator public key allowed to attach (hex); repeatable.
+    #[arg(long)]
+    operator: Vec<PublicKey>,
+}
+
+pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
+    init_logging();
+    let flags = AgentFlags {
+        config: args.config.clone(),
+        state: args.state.clone(),
+        key: args.key.clone(),
+        listen: args.listen.clone(),
+        admin: args.admin,
+        bootstrap: args.bootstrap.clone(),
+        labels: args.label.clone(),
+        release_keys: args.release_key.clone(),
+        threshold: args.threshold,
+        operators: args.operator.clone(),
+    };
+    let config = NodeConfig::resolve(&flags).context("resolving the node configuration")?;
+    if config.policy.release_keys.is_empty() {
+        tracing::warn!("no release keys configured: this node will refuse every release");
+    }
+    if config.operators.is_empty() {
+        tracing::warn!("no operator keys configured: no CLI can attach to this node");
+    }
+    crate::node::run(config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // The transport and runtime crates are chatty at info; a node's own log is what
+        // an operator reads.
+        tracing_subscriber::EnvFilter::new(
+            "info,libp2p=warn,libp2p_gossipsub=error,quinn=warn,wasmtime=warn,cranelift=warn,ractor=warn",
+        )
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,315 @@
+//! Node configuration: embedded defaults, a TOML file, and command-line flags, in
+//! increasing order of precedence.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_actors::restart::RestartPolicy;
+use mesh_actors::sandbox::SandboxLimits;
+use mesh_actors::sandbox_supervisor::SandboxConfig;
+use mesh_actors::trust::TrustPolicy;
+use mesh_transport::libp2p::Multiaddr;
+use mesh_transport::PublicKey;
+use serde::{Deserialize, Serialize};
+
+/// A config file is a few hundred bytes; refuse anything absurd before parsing it.
+pub const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
+/// The default QUIC port of the mesh (libp2p).
+pub const DEFAULT_PORT: u16 = 7400;
+/// The default port of the operator's admin endpoint (quinn).
+pub const DEFAULT_ADMIN_PORT: u16 = 7401;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is larger than {CONFIG_BYTES_MAX} bytes")]
+    TooLarge { path: String },
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("parsing address {addr:?}: expected HOST:PORT or a multiaddr like /ip4/1.2.3.4/udp/7400/quic-v1")]
+    Address { addr: String },
+    #[error("parsing label {label:?}: expected KEY=VALUE")]
+    Label { label: String },
+    #[error("no user data directory is known on this system; pass --state DIR")]
+    NoStateDir,
+}
+
+/// The `[sandbox]` table.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSection {
+    pub memory_mib: Option<u64>,
+    pub call_ms: Option<u64>,
+    pub tick_ms: Option<u64>,
+    pub log_line_bytes: Option<usize>,
+}
+
+/// The `[restart]` table: the restart intensity of module actors.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartSection {
+    pub intensity: Option<u32>,
+    pub period_ms: Option<u64>,
+    pub backoff_initial_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+}
+
+/// The config file, every field optional.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub state: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub listen: Option<Vec<String>>,
+    pub admin: Option<SocketAddr>,
+    pub bootstrap: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub release_keys: Vec<PublicKey>,
+    pub threshold: Option<usize>,
+    pub operators: Vec<PublicKey>,
+    pub module_bytes_max: Option<u64>,
+    pub sandbox: SandboxSection,
+    pub restart: RestartSection,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let shown = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        if meta.len() > CONFIG_BYTES_MAX {
+            return Err(ConfigError::TooLarge { path: shown });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown,
+            source: Box::new(source),
+        })
+    }
+}
+
+/// Everything a node needs, resolved.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub state_dir: PathBuf,
+    pub key_path: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub admin: SocketAddr,
+    pub bootstrap: Vec<Multiaddr>,
+    pub labels: BTreeMap<String, String>,
+    pub policy: TrustPolicy,
+    pub operators: Vec<PublicKey>,
+    pub sandbox: SandboxConfig,
+    /// How often the node gossips its report (health, labels, modules).
+    pub report_interval: Duration,
+}
+
+/// The flags of `mesh agent`, already parsed; `None` and empty mean "not given".
+#[derive(Clone, Debug, Default)]
+pub struct AgentFlags {
+    pub config: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub listen: Vec<String>,
+    pub admin: Option<SocketAddr>,
+    pub bootstrap: Vec<String>,
+    pub labels: Vec<String>,
+    pub release_keys: Vec<PublicKey>,
+    pub threshold: Option<usize>,
+    pub operators: Vec<PublicKey>,
+}
+
+impl NodeConfig {
+    /// Resolves defaults, then the config file, then the flags.
+    pub fn resolve(flags: &AgentFlags) -> Result<NodeConfig, ConfigError> {
+        let file = match &flags.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let state_dir = match flags.state.clone().or(file.state.clone()) {
+            Some(s) => s,
+            None => dirs::data_dir()
+                .ok_or(ConfigError::NoStateDir)?
+                .join("mesh"),
+        };
+        let key_path = flags
+            .key
+            .clone()
+            .or(file.key.clone())
+            .unwrap_or_else(|| state_dir.join("node.key"));
+        let listen_strs = if !flags.listen.is_empty() {
+            flags.listen.clone()
+        } else {
+            file.listen
+                .clone()
+                .unwrap_or_else(|| vec![format!("0.0.0.0:{DEFAULT_PORT}")])
+        };
+        let listen = listen_strs
+            .iter()
+            .map(|s| parse_peer_addr(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bootstrap = file
+            .bootstrap
+            .iter()
+            .chain(flags.bootstrap.iter())
+            .map(|s| parse_peer_addr(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut labels = file.labels.clone();
+        for l in &flags.labels {
+            let (k, v) = l
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| ConfigError::Label { label: l.clone() })?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        let release_keys: BTreeSet<PublicKey> = file
+            .release_keys
+            .iter()
+            .chain(flags.release_keys.iter())
+            .copied()
+            .collect();
+        let mut policy = TrustPolicy {
+            release_keys,
+            threshold: flags.threshold.or(file.threshold).unwrap_or(1),
+            ..TrustPolicy::default()
+        };
+        if let Some(max) = file.module_bytes_max {
+            policy.module_bytes_max = max;
+        }
+        let mut operators = file.operators.clone();
+        operators.extend(flags.operators.iter().copied());
+        operators.sort();
+        operators.dedup();
+
+        let mut limits = SandboxLimits::default();
+        if let Some(m) = file.sandbox.memory_mib {
+            limits.memory_bytes_max = m * 1024 * 1024;
+        }
+        if let Some(ms) = file.sandbox.call_ms {
+            limits.call_ms_max = ms;
+        }
+        if let Some(b) = file.sandbox.log_line_bytes {
+            limits.log_line_bytes_max = b;
+        }
+        let mut restart = RestartPolicy::default();
+        if let Some(i) = file.restart.intensity {
+            restart.intensity = i;
+        }
+        if let Some(ms) = file.restart.period_ms {
+            restart.period = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.restart.backoff_initial_ms {
+            restart.backoff_initial = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.restart.backoff_max_ms {
+            restart.backoff_max = Duration::from_millis(ms);
+        }
+        let mut sandbox = SandboxConfig {
+            limits,
+            restart,
+            ..SandboxConfig::default()
+        };
+        if let Some(ms) = file.sandbox.tick_ms {
+            sandbox.tick_interval = Duration::from_millis(ms.max(1));
+        }
+        Ok(NodeConfig {
+            state_dir,
+            key_path,
+            listen,
+            admin: flags
+                .admin
+                .or(file.admin)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+            bootstrap,
+            labels,
+            policy,
+            operators,
+            sandbox,
+            report_interval: Duration::from_secs(2),
+        })
+    }
+}
+
+/// Parses a peer address: `HOST:PORT` (QUIC over UDP) or a full multiaddr.
+pub fn parse_peer_addr(s: &str) -> Result<Multiaddr, ConfigError> {
+    let err = || ConfigError::Address {
+        addr: s.to_string(),
+    };
+    if s.starts_with('/') {
+        return s.parse().map_err(|_| err());
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+    let port: u16 = port.parse().map_err(|_| err())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ma = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => format!("/ip4/{ip}/udp/{port}/quic-v1"),
+        Ok(std::net::IpAddr::V6(ip)) => format!("/ip6/{ip}/udp/{port}/quic-v1"),
+        Err(_) if !host.is_empty() => format!("/dns/{host}/udp/{port}/quic-v1"),
+        Err(_) => return Err(err()),
+    };
+    ma.parse().map_err(|_| err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_peer_addr("127.0.0.1:7400").unwrap().to_string(),
+            "/ip4/127.0.0.1/udp/7400/quic-v1"
+        );
+        assert_eq!(
+            parse_peer_addr("[::1]:1").unwrap().to_string(),
+            "/ip6/::1/udp/1/quic-v1"
+        );
+        assert!(parse_peer_addr("nohost").is_err());
+        assert!(parse_peer_addr("/ip4/1.2.3.4/udp/1/quic-v1").is_ok());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.toml");
+        let k = mesh_transport::SecretKey::from_seed([1; 32]).public();
+        std::fs::write(
+            &path,
+            format!(
+                "state = \"/tmp/x\"\nlabels = {{ site = \"a\", hw = \"rpi4\" }}\nrelease_keys = [\"{k}\"]\nthreshold = 1\n[sandbox]\ncall_ms = 7\n"
+            ),
+        )
+        .unwrap();
+        let flags = AgentFlags {
+            config: Some(path.clone()),
+            state: Some(dir.path().join("s")),
+            labels: vec!["site=b".into()],
+            ..AgentFlags::default()
+        };
+        let c = NodeConfig::resolve(&flags).unwrap();
+        assert_eq!(c.state_dir, dir.path().join("s"));
+        assert_eq!(c.labels["site"], "b");
+        assert_eq!(c.labels["hw"], "rpi4");
+        assert!(c.policy.release_keys.contains(&k));
+        assert_eq!(c.sandbox.limits.call_ms_max, 7);
+        assert_eq!(c.key_path, dir.path().join("s/node.key"));
+
+        std::fs::write(&path, "unknown_field = 1\n").unwrap();
+        let err = NodeConfig::resolve(&flags).unwrap_err().to_string();
+        assert!(err.contains("parsing config file"), "{err}");
+    }
+}

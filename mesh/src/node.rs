@@ -1,0 +1,672 @@
+//! The node assembly: identity, store, swarm, supervision tree, admin endpoint, and the
+//! small pumps that connect them.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mesh_actors::mailbox::MailboxError;
+use mesh_actors::manifest::{ReleaseKind, SignedManifest};
+use mesh_actors::node::{NodeAddrs, NodeArgs, NodeSupervisor, StoreMsg};
+use mesh_actors::peers::{short_peer, NodeReport, PeerState, PeersMsg};
+use mesh_actors::releases::{ReleaseMsg, RELEASES_TOPIC};
+use mesh_actors::sandbox::{LogLine, SandboxEngine};
+use mesh_actors::sandbox_supervisor::{
+    ModuleState, SandboxEvent, SandboxMsg, SandboxSupervisorArgs,
+};
+use mesh_actors::store::ContentStore;
+use mesh_actors::trust::TrustPolicy;
+use mesh_transport::admin::{AdminConnection, AdminServer};
+use mesh_transport::libp2p::PeerId;
+use mesh_transport::swarm::{self, NetEvent, SwarmConfig, SwarmHandle};
+use mesh_transport::{wire, PublicKey, SecretKey};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::config::NodeConfig;
+use crate::proto::{
+    ModulesInfo, NodeModules, PeerRequest, PeerResponse, PublishInfo, ReleaseInfo, Request,
+    Response, StatusInfo, LOG_LINES_MAX, PEER_RELEASES_MAX, REQUEST_BYTES_MAX,
+};
+
+/// The gossipsub topic for node reports (health, labels, modules).
+pub const REPORTS_TOPIC: &str = "mesh/reports/1";
+/// Module log lines queued between sandboxes and the node's log pump.
+pub const LOG_QUEUE_MAX: usize = 4096;
+/// Sandbox events queued for the node (crashes, failures, rejections).
+pub const SANDBOX_EVENTS_MAX: usize = 1024;
+/// Admin requests served at once per connection; more wait for the QUIC stream limit.
+pub const ADMIN_CONNECTIONS_MAX: usize = 64;
+/// How long an actor query from the admin endpoint may take.
+const QUERY: Duration = Duration::from_secs(5);
+
+/// What a running node writes to `STATE/run.json`, so the demo, tests and scripts can
+/// find its real addresses when it listens on port 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub node: PublicKey,
+    pub peer_id: String,
+    pub pid: u32,
+    pub listen: Vec<String>,
+    pub admin: String,
+}
+
+impl RunInfo {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("run.json")
+    }
+
+    pub fn read(state_dir: &Path) -> anyhow::Result<RunInfo> {
+        let path = Self::path(state_dir);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// State shared by the admin handlers and pumps.
+struct Ctx {
+    key: PublicKey,
+    started: Instant,
+    started_unix_ms: u64,
+    config: NodeConfig,
+    swarm: SwarmHandle,
+    store: Arc<ContentStore>,
+    engine: SandboxEngine,
+    addrs: NodeAddrs,
+    policy: TrustPolicy,
+    admin_addr: String,
+    listen: Mutex<Vec<String>>,
+    logs: Mutex<VecDeque<LogLine>>,
+}
+
+/// Loads the node key, creating it on first start.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<SecretKey> {
+    if path.exists() {
+        return SecretKey::load(path).with_context(|| "loading the node key");
+    }
+    let key = SecretKey::generate();
+    key.save(path).with_context(|| "creating the node key")?;
+    tracing::info!(path = %path.display(), node = %key.public(), "created a new node identity");
+    Ok(key)
+}
+
+/// Runs a node until `shutdown` completes or its supervision tree gives up.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
+    let key = load_or_create_key(&config.key_path)?;
+    let store_dir = config.state_dir.join("store");
+    let store = Arc::new(
+        ContentStore::open(&store_dir)
+            .with_context(|| format!("opening the content store in {}", store_dir.display()))?,
+    );
+    let engine = SandboxEngine::new().context("starting the wasm engine")?;
+
+    let swarm_config = SwarmConfig {
+        listen: config.listen.clone(),
+        bootstrap: config.bootstrap.clone(),
+        topics: vec![RELEASES_TOPIC.to_string(), REPORTS_TOPIC.to_string()],
+        ..SwarmConfig::default()
+    };
+    let (swarm, mut net_events) = swarm::spawn(&key, swarm_config)
+        .await
+        .context("starting the mesh transport")?;
+    let mut listen = Vec::new();
+    while let Ok(NetEvent::Listening { addr }) = net_events.try_recv() {
+        listen.push(addr.to_string());
+    }
+
+    let admin = AdminServer::bind(config.admin, &key, config.operators.clone())
+        .with_context(|| format!("binding the admin endpoint on {}", config.admin))?;
+    let admin_addr = admin.local_addr().to_string();
+
+    let (logs_tx, mut logs_rx) = tokio::sync::mpsc::channel(LOG_QUEUE_MAX);
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(SANDBOX_EVENTS_MAX);
+    let addrs = NodeAddrs::default();
+    let node_args = NodeArgs {
+        store: store.clone(),
+        swarm: swarm.clone(),
+        policy: config.policy.clone(),
+        sandbox: SandboxSupervisorArgs {
+            engine: engine.clone(),
+            config: config.sandbox.clone(),
+            logs: logs_tx,
+            events: events_tx,
+        },
+        restart: config.sandbox.restart.clone(),
+        addrs: addrs.clone(),
+    };
+    let (supervisor, mut supervisor_done) = NodeSupervisor::start(node_args)
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the node's supervision tree: {e}"))?;
+
+    let ctx = Arc::new(Ctx {
+        key: key.public(),
+        started: Instant::now(),
+        started_unix_ms: mesh_actors::unix_ms(),
+        policy: config.policy.clone(),
+        config: config.clone(),
+        swarm: swarm.clone(),
+        store,
+        engine,
+        addrs,
+        admin_addr: admin_addr.clone(),
+        listen: Mutex::new(listen.clone()),
+        logs: Mutex::new(VecDeque::new()),
+    });
+
+    let run_info = RunInfo {
+        node: key.public(),
+        peer_id: swarm.local_peer().to_string(),
+        pid: std::process::id(),
+        listen: listen.clone(),
+        admin: admin_addr.clone(),
+    };
+    mesh_transport::fsutil::write_atomic(
+        &RunInfo::path(&config.state_dir),
+        serde_json::to_string_pretty(&run_info)?.as_bytes(),
+        0o644,
+    )
+    .context("writing run.json")?;
+    tracing::info!(node = %key.public(), listen = ?listen, admin = %admin_addr, labels = ?config.labels, "node started");
+
+    // Module log lines: to the node's log and to a bounded ring for `mesh logs`.
+    let c = ctx.clone();
+    tokio::spawn(async move {
+        while let Some(line) = logs_rx.recv().await {
+            tracing::info!(target: "module", "{} v{}: {}", line.module, line.version, line.text);
+            let mut ring = c.logs.lock().unwrap_or_else(|e| e.into_inner());
+            if ring.len() >= LOG_LINES_MAX {
+                ring.pop_front();
+            }
+            ring.push_back(line);
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(ev) = events_rx.recv().await {
+            match ev {
+                SandboxEvent::Started { name, version } => {
+                    tracing::info!(module = %name, version, "module running")
+                }
+                SandboxEvent::Crashed {
+                    name,
+                    version,
+                    reason,
+                    restart_in,
+                } => {
+                    tracing::warn!(module = %name, version, ?restart_in, "module crashed: {reason}")
+                }
+                SandboxEvent::Failed {
+                    name,
+                    version,
+                    reason,
+                } => {
+                    tracing::error!(module = %name, version, "module failed, not restarting: {reason}")
+                }
+                SandboxEvent::Rejected {
+                    name,
+                    version,
+                    reason,
+                } => {
+                    tracing::error!(module = %name, version, "module rejected: {reason}")
+                }
+            }
+        }
+    });
+    tokio::spawn(net_pump(ctx.clone(), net_events));
+    tokio::spawn(report_loop(ctx.clone()));
+    tokio::spawn(admin_loop(ctx.clone(), admin));
+
+    tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            supervisor.stop(Some("shutdown".into()));
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut supervisor_done).await;
+            Ok(())
+        }
+        _ = &mut supervisor_done => bail!("the node's supervision tree stopped: a node actor exceeded its restart intensity"),
+    }
+}
+
+/// Routes swarm events to the actors that own them.
+async fn net_pump(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<NetEvent>) {
+    let a = &ctx.addrs;
+    while let Some(ev) = events.recv().await {
+        let sent = match ev {
+            NetEvent::Listening { addr } => {
+                ctx.listen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(addr.to_string());
+                Ok(())
+            }
+            NetEvent::PeerConnected { peer, addr } => {
+                // Catch up: ask every newly connected peer what it has.
+                tokio::spawn(sync_releases(ctx.clone(), peer));
+                a.peers.try_send(PeersMsg::Connected { peer, addr })
+            }
+            NetEvent::PeerDisconnected { peer } => {
+                a.peers.try_send(PeersMsg::Disconnected { peer })
+            }
+            NetEvent::PeerRtt { peer, rtt } => a.peers.try_send(PeersMsg::Rtt { peer, rtt }),
+            NetEvent::PeerIdentified {
+                peer,
+                agent,
+                listen_addrs,
+            } => a.peers.try_send(PeersMsg::Identified {
+                peer,
+                agent,
+                addrs: listen_addrs,
+            }),
+            NetEvent::Gossip {
+                author,
+                topic,
+                data,
+                via,
+            } => on_gossip(&ctx, author, via, &topic, &data),
+            NetEvent::RangeRequested { request, reply, .. } => {
+                // A full store mailbox drops the responder, which answers Busy.
+                a.store.try_send(StoreMsg::ServeRange { request, reply })
+            }
+            NetEvent::RpcRequested {
+                peer,
+                request,
+                reply,
+            } => {
+                let c = ctx.clone();
+                tokio::spawn(async move {
+                    let answer = answer_peer(&c, &request).await;
+                    tracing::debug!(peer = %short_peer(&peer), "answered a peer request");
+                    reply.send(answer);
+                });
+                Ok(())
+            }
+        };
+        if let Err(e) = sent {
+            tracing::debug!("routing a swarm event: {e}");
+        }
+    }
+}
+
+fn on_gossip(
+    ctx: &Ctx,
+    author: Option<PeerId>,
+    via: PeerId,
+    topic: &str,
+    data: &[u8],
+) -> Result<(), MailboxError> {
+    match topic {
+        RELEASES_TOPIC => match SignedManifest::decode(data) {
+            Ok(signed) => ctx.addrs.releases.try_send(ReleaseMsg::Offer {
+                signed,
+                from: Some(via),
+            }),
+            Err(e) => {
+                tracing::warn!(via = %short_peer(&via), "dropped a malformed release announcement: {e}");
+                Ok(())
+            }
+        },
+        REPORTS_TOPIC => {
+            let (Some(author), Ok(report)) = (author, NodeReport::decode(data)) else {
+                tracing::debug!(via = %short_peer(&via), "dropped a malformed node report");
+                return Ok(());
+            };
+            ctx.addrs
+                .peers
+                .try_send(PeersMsg::Report { author, report })
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn sync_releases(ctx: Arc<Ctx>, peer: PeerId) {
+    let request = wire::encode(&PeerRequest::Releases).expect("encoding a static request");
+    let bytes = match ctx.swarm.rpc(peer, request).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(peer = %short_peer(&peer), "asking a peer for its releases: {e}");
+            return;
+        }
+    };
+    let Ok(PeerResponse::Releases(list)) =
+        wire::decode::<PeerResponse>(&bytes, swarm::RPC_BYTES_MAX)
+    else {
+        tracing::debug!(peer = %short_peer(&peer), "peer sent no usable release list");
+        return;
+    };
+    for raw in list.into_iter().take(PEER_RELEASES_MAX) {
+        match SignedManifest::decode(&raw) {
+            Ok(signed) => {
+                let _ = ctx.addrs.releases.try_send(ReleaseMsg::Offer {
+                    signed,
+                    from: Some(peer),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(peer = %short_peer(&peer), "peer listed a malformed release: {e}")
+            }
+        }
+    }
+}
+
+async fn answer_peer(ctx: &Ctx, request: &[u8]) -> Vec<u8> {
+    match wire::decode::<PeerRequest>(request, swarm::RPC_BYTES_MAX) {
+        Ok(PeerRequest::Releases) => {
+            let store = ctx.store.clone();
+            let list = tokio::task::spawn_blocking(move || store.current_releases())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default();
+            let encoded = list
+                .iter()
+                .take(PEER_RELEASES_MAX)
+                .map(|s| s.encode())
+                .collect();
+            wire::encode(&PeerResponse::Releases(encoded)).unwrap_or_default()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn report_loop(ctx: Arc<Ctx>) {
+    let mut seq = 0u64;
+    let mut interval = tokio::time::interval(ctx.config.report_interval);
+    loop {
+        interval.tick().await;
+        seq += 1;
+        let modules = ctx
+            .addrs
+            .sandbox
+            .call(SandboxMsg::List, QUERY)
+            .await
+            .unwrap_or_default();
+        let report = NodeReport {
+            node: ctx.key,
+            seq,
+            started_unix_ms: ctx.started_unix_ms,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: ctx.config.labels.clone(),
+            admin: Some(ctx.admin_addr.clone()),
+            modules,
+        };
+        // No subscribed peer yet is the normal state of a lone node.
+        let _ = ctx.swarm.publish(REPORTS_TOPIC, report.encode()).await;
+    }
+}
+
+async fn admin_loop(ctx: Arc<Ctx>, admin: AdminServer) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    while let Some(conn) = admin.accept().await {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %conn.remote_addr(), "too many admin connections, closing one");
+            conn.close("too many admin connections");
+            continue;
+        };
+        tracing::info!(operator = %conn.operator().short(), remote = %conn.remote_addr(), "operator attached");
+        let c = ctx.clone();
+        tokio::spawn(async move {
+            serve_admin(c, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_admin(ctx: Arc<Ctx>, conn: AdminConnection) {
+    while let Some((mut send, mut recv)) = conn.accept_stream().await {
+        let c = ctx.clone();
+        let operator = conn.operator();
+        tokio::spawn(async move {
+            let response = match wire::read_frame::<_, Request>(&mut recv, REQUEST_BYTES_MAX).await
+            {
+                Ok(req) => handle_request(&c, operator, req, &mut recv).await,
+                Err(e) => Response::Error(format!("reading the request: {e}")),
+            };
+            if let Err(e) = wire::write_frame(&mut send, &response).await {
+                tracing::debug!("writing an admin response: {e}");
+            }
+            let _ = send.finish();
+        });
+    }
+}
+
+async fn handle_request(
+    ctx: &Ctx,
+    operator: PublicKey,
+    req: Request,
+    recv: &mut mesh_transport::quinn::RecvStream,
+) -> Response {
+    let a = &ctx.addrs;
+    match req {
+        Request::Status => {
+            let peers = a
+                .peers
+                .call(PeersMsg::List, QUERY)
+                .await
+                .unwrap_or_default();
+            let modules = a
+                .sandbox
+                .call(SandboxMsg::List, QUERY)
+                .await
+                .unwrap_or_default();
+            Response::Status(StatusInfo {
+                node: ctx.key,
+                peer_id: ctx.swarm.local_peer().to_string(),
+                listen: ctx.listen.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                admin: ctx.admin_addr.clone(),
+                labels: ctx.config.labels.clone(),
+                uptime_ms: ctx.started.elapsed().as_millis() as u64,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                peers_alive: peers.iter().filter(|p| p.state == PeerState::Alive).count(),
+                peers_known: peers.len(),
+                modules_running: modules
+                    .iter()
+                    .filter(|m| m.state == ModuleState::Running)
+                    .count(),
+                releases: ctx.store.current_releases().map(|r| r.len()).unwrap_or(0),
+                blobs: ctx.store.blob_count(),
+                blob_bytes: ctx.store.bytes_stored(),
+            })
+        }
+        Request::Peers => match a.peers.call(PeersMsg::List, QUERY).await {
+            Ok(p) => Response::Peers(p),
+            Err(e) => Response::Error(format!("listing peers: {e}")),
+        },
+        Request::Modules { all } => {
+            let local = match a.sandbox.call(SandboxMsg::List, QUERY).await {
+                Ok(m) => m,
+                Err(e) => return Response::Error(format!("listing modules: {e}")),
+            };
+            let mesh = if all {
+                a.peers
+                    .call(PeersMsg::List, QUERY)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| NodeModules {
+                        node: p.node,
+                        labels: p.labels,
+                        alive: p.state == PeerState::Alive,
+                        modules: p.modules,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Response::Modules(ModulesInfo {
+                local: NodeModules {
+                    node: Some(ctx.key),
+                    labels: ctx.config.labels.clone(),
+                    alive: true,
+                    modules: local,
+                },
+                mesh,
+            })
+        }
+        Request::Releases => match a.releases.call(ReleaseMsg::List, QUERY).await {
+            Ok(list) => Response::Releases(list.iter().map(ReleaseInfo::from).collect()),
+            Err(e) => Response::Error(format!("listing releases: {e}")),
+        },
+        Request::Logs { module, limit } => {
+            let limit = (limit as usize).min(LOG_LINES_MAX);
+            let ring = ctx.logs.lock().unwrap_or_else(|e| e.into_inner());
+            let mut lines: Vec<LogLine> = ring
+                .iter()
+                .rev()
+                .filter(|l| module.as_ref().is_none_or(|m| &l.module == m))
+                .take(limit)
+                .cloned()
+                .collect();
+            lines.reverse();
+            Response::Logs(lines)
+        }
+        Request::Publish { manifest } => match publish(ctx, operator, &manifest, recv).await {
+            Ok(info) => Response::Published(info),
+            Err(e) => {
+                tracing::warn!(operator = %operator.short(), "publish refused: {e:#}");
+                Response::Error(format!("{e:#}"))
+            }
+        },
+    }
+}
+
+/// Accepts a release from the operator: trust check before any byte is read, content
+/// streamed into the store and verified against the manifest's hash, module compiled
+/// before it is recorded. A refused publish leaves nothing behind.
+async fn publish(
+    ctx: &Ctx,
+    operator: PublicKey,
+    raw: &[u8],
+    recv: &mut mesh_transport::quinn::RecvStream,
+) -> anyhow::Result<PublishInfo> {
+    let signed = SignedManifest::decode(raw).context("decoding the release manifest")?;
+    let m = signed.manifest.clone();
+    let current = ctx
+        .store
+        .current_release(m.kind, &m.name)
+        .context("reading the installed release")?
+        .map(|s| s.manifest.version);
+    ctx.policy
+        .check(&signed, mesh_actors::unix_ms() / 1000, current)
+        .context("checking the release")?;
+    let already = ctx.store.has(&m.content);
+    if !already {
+        receive_content(ctx, &m, recv).await?;
+    } else {
+        // The content is already here (an earlier publish of the same bytes); the
+        // operator's copy is read and discarded so the stream ends cleanly.
+        drain(recv, m.size).await?;
+    }
+    let cleanup = |ctx: &Ctx| {
+        if !already {
+            let _ = ctx.store.remove(&m.content);
+        }
+    };
+    if m.kind == ReleaseKind::Module {
+        let store = ctx.store.clone();
+        let engine = ctx.engine.clone();
+        let id = m.content;
+        let compiled = tokio::task::spawn_blocking(move || {
+            let bytes = store.read(&id).map_err(|e| e.to_string())?;
+            engine
+                .compile(&bytes)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        if let Err(e) = compiled {
+            cleanup(ctx);
+            bail!("module {} v{} does not compile: {e}", m.name, m.version);
+        }
+    }
+    let verdict = ctx
+        .addrs
+        .releases
+        .call(|reply| ReleaseMsg::Publish { signed, reply }, QUERY)
+        .await
+        .context("handing the release to the trust actor")?;
+    if let Err(rejection) = verdict {
+        cleanup(ctx);
+        bail!("checking the release: {rejection}");
+    }
+    let peers = ctx
+        .swarm
+        .info()
+        .await
+        .map(|i| i.connected.len())
+        .unwrap_or(0);
+    tracing::info!(operator = %operator.short(), release = %m.name, version = m.version, "operator published a release");
+    Ok(PublishInfo {
+        name: m.name,
+        version: m.version,
+        content: m.content,
+        size: m.size,
+        peers,
+    })
+}
+
+/// Content bytes are read in pieces of this size from the operator's stream.
+const UPLOAD_CHUNK_BYTES: usize = 256 * 1024;
+
+async fn receive_content(
+    ctx: &Ctx,
+    m: &mesh_actors::manifest::Manifest,
+    recv: &mut mesh_transport::quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let mut writer = ctx
+        .store
+        .writer(m.content, m.size)
+        .context("preparing to store the content")?;
+    let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
+    let mut received = 0u64;
+    while received < m.size {
+        let want = ((m.size - received) as usize).min(buf.len());
+        let n = recv
+            .read(&mut buf[..want])
+            .await
+            .context("receiving the content")?
+            .unwrap_or(0);
+        if n == 0 {
+            bail!(
+                "receiving the content: the stream ended after {received} of {} bytes",
+                m.size
+            );
+        }
+        writer.write(&buf[..n]).context("storing the content")?;
+        received += n as u64;
+    }
+    let mut extra = [0u8; 1];
+    if recv
+        .read(&mut extra)
+        .await
+        .context("receiving the content")?
+        .unwrap_or(0)
+        != 0
+    {
+        bail!(
+            "receiving the content: more bytes than the manifest's size of {}",
+            m.size
+        );
+    }
+    tokio::task::spawn_blocking(move || writer.finish())
+        .await?
+        .context("verifying the content against the manifest")?;
+    Ok(())
+}
+
+async fn drain(recv: &mut mesh_transport::quinn::RecvStream, size: u64) -> anyhow::Result<()> {
+    let mut limited = recv.take(size + 1);
+    let n = tokio::io::copy(&mut limited, &mut tokio::io::sink())
+        .await
+        .context("receiving the content")?;
+    if n != size {
+        bail!("receiving the content: got {n} bytes, the manifest says {size}");
+    }
+    Ok(())
+}

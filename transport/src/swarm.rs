@@ -1,0 +1,1060 @@
+//! The libp2p swarm of a node: QUIC transport, gossipsub, identify, kad, ping, and two
+//! request-response protocols (blob ranges and opaque rpc), driven by one task.
+//!
+//! The driver owns the `libp2p::Swarm`. Everything else talks to it through a
+//! [`SwarmHandle`] (a bounded command queue) and receives [`NetEvent`]s from a bounded
+//! event queue. Inbound requests carry a [`Responder`]; the node answers through it and
+//! the driver sends the answer on the right stream. When the event queue is full an
+//! inbound request is answered `Busy` at once rather than queued without bound.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt, StreamExt};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, StreamProtocol};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::redial::{Redial, RedialPolicy};
+use crate::{wire, ContentId, SecretKey};
+
+/// Commands waiting for the driver; callers wait (async) when it is full.
+pub const COMMANDS_QUEUE_MAX: usize = 1024;
+/// Events waiting for the node; the driver drops gossip and refuses requests when full.
+pub const EVENTS_QUEUE_MAX: usize = 4096;
+/// A gossip message carries at most a manifest or a node report, both far smaller.
+pub const GOSSIP_BYTES_MAX: usize = 256 * 1024;
+/// One blob range per request; bounded so that one response never holds much memory.
+pub const RANGE_BYTES_MAX: u32 = 1024 * 1024;
+/// Rpc requests and responses carry release lists and small queries.
+pub const RPC_BYTES_MAX: usize = 1024 * 1024;
+/// A request the node has not answered by then is answered `Busy`.
+pub const RESPONDER_MS_MAX: u64 = 10_000;
+/// Inbound requests being answered at once, over all peers.
+pub const INBOUND_PENDING_MAX: usize = 256;
+/// Concurrent request streams per connection and protocol.
+pub const STREAMS_PER_CONNECTION_MAX: usize = 64;
+
+const BLOB_PROTOCOL: &str = "/mesh/blob/1";
+const RPC_PROTOCOL: &str = "/mesh/rpc/1";
+const KAD_PROTOCOL: &str = "/mesh/kad/1";
+const IDENTIFY_PROTOCOL: &str = "/mesh/id/1";
+
+/// How a node's swarm is set up.
+#[derive(Clone, Debug)]
+pub struct SwarmConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    /// Sent in identify so peers can show what software a node runs.
+    pub agent_version: String,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// A QUIC connection with no traffic for this long is declared dead. Ping and QUIC
+    /// keep-alives keep live connections busy, so this is how fast a kill -9 is noticed.
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub topics: Vec<String>,
+    pub redial: RedialPolicy,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        SwarmConfig {
+            listen: vec!["/ip4/0.0.0.0/udp/7400/quic-v1"
+                .parse()
+                .expect("static address")],
+            bootstrap: Vec::new(),
+            agent_version: format!("mesh/{}", env!("CARGO_PKG_VERSION")),
+            ping_interval: Duration::from_secs(2),
+            ping_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(6),
+            request_timeout: Duration::from_secs(20),
+            topics: Vec::new(),
+            redial: RedialPolicy::default(),
+        }
+    }
+}
+
+/// A request for part of a blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
+    pub id: ContentId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RangeResponse {
+    /// `bytes` starts at the requested offset; `total` is the blob's size.
+    Data {
+        total: u64,
+        bytes: Vec<u8>,
+    },
+    NotFound,
+    /// The server is at its limit; ask again later or elsewhere.
+    Busy,
+    Invalid(String),
+}
+
+/// Things the driver tells the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    Listening {
+        addr: Multiaddr,
+    },
+    PeerConnected {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    PeerDisconnected {
+        peer: PeerId,
+    },
+    PeerRtt {
+        peer: PeerId,
+        rtt: Duration,
+    },
+    PeerIdentified {
+        peer: PeerId,
+        agent: String,
+        listen_addrs: Vec<Multiaddr>,
+    },
+    Gossip {
+        /// The peer that relayed the message to us.
+        via: PeerId,
+        /// The peer that signed it (gossipsub's signed authorship).
+        author: Option<PeerId>,
+        topic: String,
+        data: Vec<u8>,
+    },
+    RangeRequested {
+        peer: PeerId,
+        request: RangeRequest,
+        reply: Responder<RangeResponse>,
+    },
+    RpcRequested {
+        peer: PeerId,
+        request: Vec<u8>,
+        reply: Responder<Vec<u8>>,
+    },
+}
+
+/// The way to answer one inbound request. Dropping it unanswered answers `Busy` (for
+/// ranges) or an empty response (for rpc), so a peer never waits for a timeout.
+#[derive(Debug)]
+pub struct Responder<T>(oneshot::Sender<T>);
+
+impl<T> Responder<T> {
+    pub fn send(self, value: T) {
+        let _ = self.0.send(value);
+    }
+}
+
+/// What a node's swarm looks like right now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SwarmInfo {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub connected: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmStartError {
+    #[error("starting the swarm: {0}")]
+    Build(String),
+    #[error("listening on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    #[error("the swarm has stopped")]
+    Stopped,
+    #[error("request to {peer} failed: {reason}")]
+    Failed { peer: PeerId, reason: String },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error("the swarm has stopped")]
+    Stopped,
+    #[error("publishing to topic {topic}: {reason}")]
+    Gossip { topic: String, reason: String },
+}
+
+enum Command {
+    Dial(Multiaddr),
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), PublishError>>,
+    },
+    Range {
+        peer: PeerId,
+        request: RangeRequest,
+        reply: oneshot::Sender<Result<RangeResponse, RequestError>>,
+    },
+    Rpc {
+        peer: PeerId,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
+    },
+    Info(oneshot::Sender<SwarmInfo>),
+}
+
+/// A cheap, cloneable handle to the driver.
+#[derive(Clone)]
+pub struct SwarmHandle {
+    commands: mpsc::Sender<Command>,
+    local_peer: PeerId,
+}
+
+impl SwarmHandle {
+    pub fn local_peer(&self) -> PeerId {
+        self.local_peer
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.commands.send(Command::Dial(addr)).await;
+    }
+
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), PublishError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Publish {
+            topic: topic.to_string(),
+            data,
+            reply: tx,
+        };
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| PublishError::Stopped)?;
+        rx.await.map_err(|_| PublishError::Stopped)?
+    }
+
+    pub async fn request_range(
+        &self,
+        peer: PeerId,
+        request: RangeRequest,
+    ) -> Result<RangeResponse, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Range {
+            peer,
+            request,
+            reply: tx,
+        };
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| RequestError::Stopped)?;
+        rx.await.map_err(|_| RequestError::Stopped)?
+    }
+
+    pub async fn rpc(&self, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Rpc {
+            peer,
+            request,
+            reply: tx,
+        };
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| RequestError::Stopped)?;
+        rx.await.map_err(|_| RequestError::Stopped)?
+    }
+
+    pub async fn info(&self) -> Option<SwarmInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Info(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    ping: ping::Behaviour,
+    blob: request_response::Behaviour<FrameCodec<RangeRequest, RangeResponse>>,
+    rpc: request_response::Behaviour<FrameCodec<Vec<u8>, Vec<u8>>>,
+}
+
+/// Starts the swarm and its driver task. Returns once the listeners are bound.
+pub async fn spawn(
+    key: &SecretKey,
+    config: SwarmConfig,
+) -> Result<(SwarmHandle, mpsc::Receiver<NetEvent>), SwarmStartError> {
+    let keypair = key.to_libp2p();
+    let local_peer = keypair.public().to_peer_id();
+    let idle_ms = u32::try_from(config.idle_timeout.as_millis()).unwrap_or(u32::MAX);
+    let cfg = config.clone();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic_config(move |mut q| {
+            q.max_idle_timeout = idle_ms;
+            q.keep_alive_interval = Duration::from_millis(u64::from(idle_ms / 3).max(100));
+            q
+        })
+        .with_behaviour(|key| build_behaviour(key, &cfg))
+        .map_err(|e| SwarmStartError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+
+    for topic in &config.topics {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(topic))
+            .map_err(|e| SwarmStartError::Build(format!("subscribing to {topic}: {e}")))?;
+    }
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| SwarmStartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    // Wait for the listeners so callers can print and share real addresses.
+    let mut listening = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listening.len() < config.listen.len() {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .map_err(|_| SwarmStartError::Listen {
+                addr: config.listen[listening.len()].clone(),
+                reason: "no listen address within 10 s".into(),
+            })?;
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => listening.push(address),
+            SwarmEvent::ListenerError { error, .. }
+            | SwarmEvent::ListenerClosed {
+                reason: Err(error), ..
+            } => {
+                return Err(SwarmStartError::Listen {
+                    addr: config.listen[listening.len()].clone(),
+                    reason: error.to_string(),
+                })
+            }
+            _ => {}
+        }
+    }
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUE_MAX);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENTS_QUEUE_MAX);
+    for addr in listening {
+        let _ = ev_tx.try_send(NetEvent::Listening { addr });
+    }
+    let mut redial = Redial::new(config.redial.clone());
+    let now = Instant::now();
+    for addr in &config.bootstrap {
+        redial.add_bootstrap(addr.clone(), now);
+    }
+    let driver = Driver {
+        swarm,
+        commands: cmd_rx,
+        events: ev_tx,
+        redial,
+        pending_ranges: HashMap::new(),
+        pending_rpcs: HashMap::new(),
+        inbound: FuturesUnordered::new(),
+        kad_bootstrapped: false,
+    };
+    tokio::spawn(driver.run());
+    Ok((
+        SwarmHandle {
+            commands: cmd_tx,
+            local_peer,
+        },
+        ev_rx,
+    ))
+}
+
+fn build_behaviour(
+    key: &libp2p::identity::Keypair,
+    config: &SwarmConfig,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer = key.public().to_peer_id();
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(700))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .max_transmit_size(GOSSIP_BYTES_MAX)
+        .build()?;
+    let gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_cfg,
+    )?;
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(config.agent_version.clone()),
+    );
+    let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    kad_cfg.set_query_timeout(Duration::from_secs(30));
+    let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_cfg);
+    // Edge nodes often see only private or loopback addresses, which never become
+    // "confirmed external", so kad would stay a client; every node serves the DHT.
+    kad.set_mode(Some(kad::Mode::Server));
+    let ping = ping::Behaviour::new(
+        ping::Config::new()
+            .with_interval(config.ping_interval)
+            .with_timeout(config.ping_timeout),
+    );
+    let rr_cfg = request_response::Config::default()
+        .with_request_timeout(config.request_timeout)
+        .with_max_concurrent_streams(STREAMS_PER_CONNECTION_MAX);
+    let blob = request_response::Behaviour::with_codec(
+        FrameCodec::new(1024, RANGE_BYTES_MAX as usize + 1024),
+        [(StreamProtocol::new(BLOB_PROTOCOL), ProtocolSupport::Full)],
+        rr_cfg.clone(),
+    );
+    let rpc = request_response::Behaviour::with_codec(
+        FrameCodec::new(RPC_BYTES_MAX, RPC_BYTES_MAX),
+        [(StreamProtocol::new(RPC_PROTOCOL), ProtocolSupport::Full)],
+        rr_cfg,
+    );
+    Ok(Behaviour {
+        gossipsub,
+        identify,
+        kad,
+        ping,
+        blob,
+        rpc,
+    })
+}
+
+type InboundReply = (Option<InboundAnswer>, InboundChannel);
+
+enum InboundAnswer {
+    Range(RangeResponse),
+    Rpc(Vec<u8>),
+}
+
+enum InboundChannel {
+    Range(ResponseChannel<RangeResponse>),
+    Rpc(ResponseChannel<Vec<u8>>),
+}
+
+struct Driver {
+    swarm: libp2p::Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    redial: Redial,
+    pending_ranges:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<RangeResponse, RequestError>>>,
+    pending_rpcs: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RequestError>>>,
+    inbound: FuturesUnordered<BoxFuture<'static, InboundReply>>,
+    kad_bootstrapped: bool,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    // Every handle is gone: the node is shutting down.
+                    None => break,
+                },
+                Some((answer, channel)) = self.inbound.next(), if !self.inbound.is_empty() => {
+                    self.answer(answer, channel);
+                }
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        tracing::debug!("swarm driver stopped");
+    }
+
+    fn on_tick(&mut self) {
+        for addr in self.redial.poll_due(Instant::now()) {
+            tracing::debug!(%addr, "dialing");
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, error = %e, "dial refused");
+            }
+        }
+    }
+
+    fn emit(&mut self, event: NetEvent) {
+        if let Err(mpsc::error::TrySendError::Full(e)) = self.events.try_send(event) {
+            tracing::warn!(event = ?std::mem::discriminant(&e), "node event queue full, dropping event");
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial(addr) => {
+                self.redial.add_bootstrap(addr, Instant::now());
+                self.on_tick();
+            }
+            Command::Publish { topic, data, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(gossipsub::IdentTopic::new(&topic), data)
+                    .map(|_| ())
+                    .map_err(|e| PublishError::Gossip {
+                        topic,
+                        reason: e.to_string(),
+                    });
+                let _ = reply.send(result);
+            }
+            Command::Range {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
+                self.pending_ranges.insert(id, reply);
+            }
+            Command::Rpc {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
+                self.pending_rpcs.insert(id, reply);
+            }
+            Command::Info(reply) => {
+                let info = SwarmInfo {
+                    peer_id: self.swarm.local_peer_id().to_string(),
+                    listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+                    connected: self
+                        .swarm
+                        .connected_peers()
+                        .map(|p| p.to_string())
+                        .collect(),
+                };
+                let _ = reply.send(info);
+            }
+        }
+    }
+
+    fn answer(&mut self, answer: Option<InboundAnswer>, channel: InboundChannel) {
+        // A failed send means the peer has gone or timed out; nothing more to do.
+        match (answer, channel) {
+            (Some(InboundAnswer::Range(r)), InboundChannel::Range(ch)) => {
+                let _ = self.swarm.behaviour_mut().blob.send_response(ch, r);
+            }
+            (None, InboundChannel::Range(ch)) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_response(ch, RangeResponse::Busy);
+            }
+            (Some(InboundAnswer::Rpc(r)), InboundChannel::Rpc(ch)) => {
+                let _ = self.swarm.behaviour_mut().rpc.send_response(ch, r);
+            }
+            (None, InboundChannel::Rpc(ch)) => {
+                let _ = self.swarm.behaviour_mut().rpc.send_response(ch, Vec::new());
+            }
+            _ => unreachable!("answers are paired with channels of their own protocol"),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        let now = Instant::now();
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.emit(NetEvent::Listening { addr: address })
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                self.redial.on_connected(peer_id, &addr, now);
+                if endpoint.is_dialer() {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                }
+                if num_established.get() == 1 {
+                    self.emit(NetEvent::PeerConnected {
+                        peer: peer_id,
+                        addr,
+                    });
+                }
+                if !self.kad_bootstrapped {
+                    // The first connection gives kad someone to ask for the rest of the mesh.
+                    self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                self.redial.on_disconnected(peer_id, num_established, now);
+                if num_established == 0 {
+                    tracing::debug!(peer = %peer_id, cause = ?cause, "peer disconnected");
+                    self.emit(NetEvent::PeerDisconnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev, now),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent, now: Instant) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            }) => self.emit(NetEvent::Gossip {
+                via: propagation_source,
+                author: message.source,
+                topic: message.topic.into_string(),
+                data: message.data,
+            }),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                // Only routable-looking addresses are kept; a peer cannot make us dial
+                // more than DIAL_TARGETS_MAX addresses (the redial table is bounded).
+                let addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| is_quic(a))
+                    .take(8)
+                    .cloned()
+                    .collect();
+                for a in &addrs {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, a.clone());
+                }
+                self.redial.learn(peer_id, &addrs, now);
+                self.emit(NetEvent::PeerIdentified {
+                    peer: peer_id,
+                    agent: info.agent_version,
+                    listen_addrs: addrs,
+                });
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, addresses, ..
+            }) => {
+                // Discovery: dial what kad learns so the gossip mesh covers the fleet.
+                let addrs: Vec<Multiaddr> = addresses
+                    .iter()
+                    .filter(|a| is_quic(a))
+                    .take(8)
+                    .cloned()
+                    .collect();
+                self.redial.learn(peer, &addrs, now);
+                if !self.swarm.is_connected(&peer) {
+                    for a in addrs {
+                        let _ = self.swarm.dial(a);
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => self.emit(NetEvent::PeerRtt { peer, rtt }),
+            BehaviourEvent::Blob(ev) => self.on_blob_event(ev),
+            BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_blob_event(&mut self, ev: request_response::Event<RangeRequest, RangeResponse>) {
+        let Some((peer, request, channel)) = split_event(ev, &mut self.pending_ranges) else {
+            return;
+        };
+        let refusal = if request.len > RANGE_BYTES_MAX {
+            Some(RangeResponse::Invalid(format!(
+                "range of {} bytes is over the limit of {RANGE_BYTES_MAX}",
+                request.len
+            )))
+        } else if !self.admit_inbound() {
+            Some(RangeResponse::Busy)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .blob
+                .send_response(channel, refusal);
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let ev = NetEvent::RangeRequested {
+            peer,
+            request,
+            reply: Responder(tx),
+        };
+        if self.events.try_send(ev).is_err() {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .blob
+                .send_response(channel, RangeResponse::Busy);
+            return;
+        }
+        self.inbound.push(wait_answer(
+            rx,
+            InboundAnswer::Range,
+            InboundChannel::Range(channel),
+        ));
+    }
+
+    fn on_rpc_event(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
+        let Some((peer, request, channel)) = split_event(ev, &mut self.pending_rpcs) else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        let admitted = self.admit_inbound()
+            && self
+                .events
+                .try_send(NetEvent::RpcRequested {
+                    peer,
+                    request,
+                    reply: Responder(tx),
+                })
+                .is_ok();
+        if !admitted {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .rpc
+                .send_response(channel, Vec::new());
+            return;
+        }
+        self.inbound.push(wait_answer(
+            rx,
+            InboundAnswer::Rpc,
+            InboundChannel::Rpc(channel),
+        ));
+    }
+
+    fn admit_inbound(&self) -> bool {
+        self.inbound.len() < INBOUND_PENDING_MAX
+    }
+}
+
+/// Completes outbound requests of one request-response protocol and returns an inbound
+/// request, if the event is one, for the caller to admit or refuse.
+fn split_event<Req, Resp>(
+    ev: request_response::Event<Req, Resp>,
+    pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, RequestError>>>,
+) -> Option<(PeerId, Req, ResponseChannel<Resp>)> {
+    match ev {
+        request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Message::Request {
+                request, channel, ..
+            } => Some((peer, request, channel)),
+            request_response::Message::Response {
+                request_id,
+                response,
+            } => {
+                if let Some(tx) = pending.remove(&request_id) {
+                    let _ = tx.send(Ok(response));
+                }
+                None
+            }
+        },
+        request_response::Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => {
+            if let Some(tx) = pending.remove(&request_id) {
+                let _ = tx.send(Err(RequestError::Failed {
+                    peer,
+                    reason: error.to_string(),
+                }));
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+fn wait_answer<T: Send + 'static>(
+    rx: oneshot::Receiver<T>,
+    wrap: fn(T) -> InboundAnswer,
+    channel: InboundChannel,
+) -> BoxFuture<'static, InboundReply> {
+    async move {
+        let answer = tokio::time::timeout(Duration::from_millis(RESPONDER_MS_MAX), rx)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(wrap);
+        (answer, channel)
+    }
+    .boxed()
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+}
+
+/// Length-prefixed bincode frames with separate limits for requests and responses.
+struct FrameCodec<Req, Resp> {
+    request_bytes_max: usize,
+    response_bytes_max: usize,
+    _types: std::marker::PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> FrameCodec<Req, Resp> {
+    fn new(request_bytes_max: usize, response_bytes_max: usize) -> Self {
+        FrameCodec {
+            request_bytes_max,
+            response_bytes_max,
+            _types: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        FrameCodec::new(self.request_bytes_max, self.response_bytes_max)
+    }
+}
+
+async fn read_limited<T, V>(io: &mut T, max: usize) -> std::io::Result<V>
+where
+    T: AsyncRead + Unpin + Send,
+    V: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit of {max}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    wire::decode(&buf, max).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+async fn write_limited<T, V>(io: &mut T, value: &V, max: usize) -> std::io::Result<()>
+where
+    T: AsyncWrite + Unpin + Send,
+    V: Serialize,
+{
+    let bytes =
+        wire::encode(value).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if bytes.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {} bytes is over the limit of {max}", bytes.len()),
+        ));
+    }
+    io.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
+    io.write_all(&bytes).await?;
+    io.close().await
+}
+
+impl<Req, Resp> request_response::Codec for FrameCodec<Req, Resp>
+where
+    Req: Serialize + DeserializeOwned + Send + Sync + 'static,
+    Resp: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    type Protocol = StreamProtocol;
+    type Request = Req;
+    type Response = Resp;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Req>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_limited(io, self.request_bytes_max).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Resp>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_limited(io, self.response_bytes_max).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Req,
+    ) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_limited(io, &req, self.request_bytes_max).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Resp,
+    ) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_limited(io, &res, self.response_bytes_max).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local_config(bootstrap: Vec<Multiaddr>) -> SwarmConfig {
+        SwarmConfig {
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            bootstrap,
+            topics: vec!["t".into()],
+            ..SwarmConfig::default()
+        }
+    }
+
+    async fn first_listen(rx: &mut mpsc::Receiver<NetEvent>) -> Multiaddr {
+        loop {
+            if let Some(NetEvent::Listening { addr }) = rx.recv().await {
+                return addr;
+            }
+        }
+    }
+
+    async fn wait_for<F: FnMut(&NetEvent) -> bool>(
+        rx: &mut mpsc::Receiver<NetEvent>,
+        mut f: F,
+    ) -> NetEvent {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                // Events the test is not waiting for are dropped; a dropped
+                // responder answers its request at once, so no peer hangs.
+                let ev = rx.recv().await.expect("driver alive");
+                if f(&ev) {
+                    return ev;
+                }
+            }
+        })
+        .await
+        .expect("event within 20 s")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_connect_gossip_and_serve_ranges() {
+        let ka = SecretKey::from_seed([1; 32]);
+        let kb = SecretKey::from_seed([2; 32]);
+        let (ha, mut ea) = spawn(&ka, local_config(vec![])).await.unwrap();
+        let addr_a = first_listen(&mut ea).await;
+        let (hb, mut eb) = spawn(&kb, local_config(vec![addr_a])).await.unwrap();
+        wait_for(&mut eb, |e| matches!(e, NetEvent::PeerConnected { .. })).await;
+        wait_for(&mut ea, |e| matches!(e, NetEvent::PeerConnected { .. })).await;
+
+        // Gossip needs the subscription to have propagated; retry briefly.
+        let mut sent = false;
+        for _ in 0..50 {
+            if hb.publish("t", b"hello".to_vec()).await.is_ok() {
+                sent = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(sent, "publish never found a subscribed peer");
+        let ev = wait_for(&mut ea, |e| matches!(e, NetEvent::Gossip { .. })).await;
+        match ev {
+            NetEvent::Gossip { data, author, .. } => {
+                assert_eq!(data, b"hello");
+                assert_eq!(author, Some(hb.local_peer()));
+            }
+            _ => unreachable!(),
+        }
+
+        // A range request answered by the node layer.
+        let peer_a = ha.local_peer();
+        let id = ContentId::of(b"blob");
+        let req = tokio::spawn({
+            let hb = hb.clone();
+            async move {
+                hb.request_range(
+                    peer_a,
+                    RangeRequest {
+                        id,
+                        offset: 1,
+                        len: 2,
+                    },
+                )
+                .await
+            }
+        });
+        loop {
+            match ea.recv().await.unwrap() {
+                NetEvent::RangeRequested { request, reply, .. } => {
+                    assert_eq!(request.offset, 1);
+                    reply.send(RangeResponse::Data {
+                        total: 4,
+                        bytes: b"lo".to_vec(),
+                    });
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        let resp = req.await.unwrap().unwrap();
+        assert_eq!(
+            resp,
+            RangeResponse::Data {
+                total: 4,
+                bytes: b"lo".to_vec()
+            }
+        );
+
+        // An oversized range is refused by the server without asking the node.
+        let resp = hb
+            .request_range(
+                peer_a,
+                RangeRequest {
+                    id,
+                    offset: 0,
+                    len: RANGE_BYTES_MAX + 1,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(matches!(resp, RangeResponse::Invalid(_)));
+
+        // Rpc round trip.
+        let rpc = tokio::spawn({
+            let hb = hb.clone();
+            async move { hb.rpc(peer_a, b"ping".to_vec()).await }
+        });
+        loop {
+            match ea.recv().await.unwrap() {
+                NetEvent::RpcRequested { request, reply, .. } => {
+                    assert_eq!(request, b"ping");
+                    reply.send(b"pong".to_vec());
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        assert_eq!(rpc.await.unwrap().unwrap(), b"pong");
+        let info = hb.info().await.unwrap();
+        assert_eq!(info.connected, vec![peer_a.to_string()]);
+    }
+}
