@@ -4,10 +4,13 @@
 //! and inputs and return what to do; the actors are thin shells that feed them messages
 //! and carry out the result. See `docs/architecture.md` and `docs/runtime-semantics.md`.
 
+pub mod host;
+pub mod kv;
 pub mod mailbox;
 pub mod manifest;
 pub mod node;
 pub mod peers;
+pub mod quota;
 pub mod releases;
 pub mod restart;
 pub mod sandbox;

@@ -514,10 +514,25 @@ async fn deploy_installed(args: &ReleaseArgs) -> Result<(), ActorProcessingErr> 
 }
 
 async fn deploy(args: &ReleaseArgs, signed: &SignedManifest) {
-    let m = signed.manifest.clone();
+    let mut m = signed.manifest.clone();
     let store = args.store.clone();
-    let bytes = match tokio::task::spawn_blocking(move || store.read(&m.content)).await {
-        Ok(Ok(b)) => b,
+    // A version that failed here (and was rolled back) is not run again: its previous
+    // version runs instead, if the store still has it.
+    let read = tokio::task::spawn_blocking(move || {
+        if store.failed_version(m.kind, &m.name)? == Some(m.version) {
+            match store.previous_release(m.kind, &m.name)? {
+                Some(prev) if prev.manifest.version < m.version => m = prev.manifest,
+                _ => return Ok(None),
+            }
+        }
+        store.read(&m.content).map(|b| Some((m, b)))
+    });
+    let (m, bytes) = match read.await {
+        Ok(Ok(Some(found))) => found,
+        Ok(Ok(None)) => {
+            tracing::info!(release = %signed.manifest.name, version = signed.manifest.version, "not deploying a release that failed here");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::error!(release = %signed.manifest.name, "reading module for deployment: {e}");
             return;
@@ -527,12 +542,12 @@ async fn deploy(args: &ReleaseArgs, signed: &SignedManifest) {
             return;
         }
     };
-    let m = &signed.manifest;
     let deployment = Deployment {
         name: m.name.clone(),
         version: m.version,
         content: m.content,
         bytes: Arc::from(bytes),
+        quotas: m.quotas.clone(),
     };
     if let Err(e) = args.sandbox.try_send(SandboxMsg::Deploy(deployment)) {
         tracing::error!(release = %m.name, version = m.version, "handing module to the sandbox supervisor: {e}");

@@ -159,6 +159,21 @@ impl RestartBudget {
     }
 }
 
+/// The seed for a randomized test: `MESH_TEST_SEED` when set (to replay a failure), else
+/// a fresh one. Printed either way so that a failing run can be replayed.
+#[cfg(test)]
+pub(crate) fn test_seed() -> u64 {
+    let seed = match std::env::var("MESH_TEST_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("MESH_TEST_SEED={s:?} is not a u64")),
+        Err(_) => rand::random(),
+    };
+    println!("seed {seed} (replay with MESH_TEST_SEED={seed})");
+    seed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,20 +325,6 @@ mod tests {
                 other => panic!("expected a restart, got {other:?}"),
             }
         }
-    }
-
-    /// The seed for a randomized test: `MESH_TEST_SEED` when set (to replay a failure),
-    /// else a fresh one. Printed either way so that a failing run can be replayed.
-    fn test_seed() -> u64 {
-        let seed = match std::env::var("MESH_TEST_SEED") {
-            Ok(s) => s
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("MESH_TEST_SEED={s:?} is not a u64")),
-            Err(_) => rand::random(),
-        };
-        println!("seed {seed} (replay with MESH_TEST_SEED={seed})");
-        seed
     }
 
     #[test]

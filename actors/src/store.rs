@@ -40,6 +40,9 @@ const TEMP_PREFIX: &str = ".tmp-";
 const CURRENT: TableDefinition<&str, &[u8]> = TableDefinition::new("releases_current");
 /// The record each current one replaced, kept so a failing release can be rolled back.
 const PREVIOUS: TableDefinition<&str, &[u8]> = TableDefinition::new("releases_previous");
+/// Releases that failed on this node for good (their restart budget ran out), by key
+/// `"<kind>/<name>"`: the failed version and why. Such a version is not run again here.
+const FAILED: TableDefinition<&str, (u64, &str)> = TableDefinition::new("releases_failed");
 
 /// Errors from opening a content store.
 #[derive(Debug, thiserror::Error)]
@@ -471,6 +474,44 @@ impl ContentStore {
         name: &str,
     ) -> Result<Option<SignedManifest>, ReadError> {
         self.get_record(PREVIOUS, "previous", &release_key(kind, name))
+    }
+
+    /// Records that `version` of (kind, name) failed on this node, so it is not run again
+    /// (the sandbox supervisor calls this when it gives up on a version or rolls it back).
+    pub fn record_failure(
+        &self,
+        kind: ReleaseKind,
+        name: &str,
+        version: u64,
+        reason: &str,
+    ) -> Result<(), ReadError> {
+        let key = release_key(kind, name);
+        let txn = self.db.begin_write().map_err(redb_err)?;
+        {
+            let mut failed = txn.open_table(FAILED).map_err(redb_err)?;
+            failed
+                .insert(key.as_str(), (version, reason))
+                .map_err(redb_err)?;
+        }
+        txn.commit().map_err(redb_err)?;
+        tracing::info!(%kind, name, version, "recorded a failed release");
+        Ok(())
+    }
+
+    /// The newest version of (kind, name) that failed on this node, if any.
+    pub fn failed_version(&self, kind: ReleaseKind, name: &str) -> Result<Option<u64>, ReadError> {
+        let txn = self.db.begin_read().map_err(redb_err)?;
+        // The table is created by the first failure; before that nothing has failed.
+        let table = match txn.open_table(FAILED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(redb_err(e).into()),
+        };
+        let version = table
+            .get(release_key(kind, name).as_str())
+            .map_err(redb_err)?
+            .map(|g| g.value().0);
+        Ok(version)
     }
 
     /// Every current release, of all kinds and names, sorted by (kind, name).

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mesh_actors::quota::QuotaPolicy;
 use mesh_actors::restart::RestartPolicy;
-use mesh_actors::sandbox::SandboxLimits;
+use mesh_actors::sandbox::PoolConfig;
 use mesh_actors::sandbox_supervisor::SandboxConfig;
 use mesh_actors::trust::TrustPolicy;
 use mesh_transport::libp2p::Multiaddr;
@@ -51,6 +52,33 @@ pub struct SandboxSection {
     pub call_ms: Option<u64>,
     pub tick_ms: Option<u64>,
     pub log_line_bytes: Option<usize>,
+    /// Instance slots of the pooling allocator; 0 allocates on demand.
+    pub pool_instances: Option<u32>,
+    /// Count fuel too, this much per call.
+    pub fuel_per_call: Option<u64>,
+    pub compile_ms: Option<u64>,
+}
+
+/// The `[quotas]` table: module quota defaults (when a release says nothing), caps
+/// (whatever a release says), and the node's budget for all modules together.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaSection {
+    pub cpu_permille: Option<u32>,
+    pub messages_per_s: Option<u32>,
+    pub log_bytes_per_s: Option<u64>,
+    pub publish_bytes_per_s: Option<u64>,
+    pub state_bytes: Option<u64>,
+    pub cap_memory_mib: Option<u64>,
+    pub cap_call_ms: Option<u64>,
+    pub cap_cpu_permille: Option<u32>,
+    pub cap_messages_per_s: Option<u32>,
+    pub cap_log_bytes_per_s: Option<u64>,
+    pub cap_publish_bytes_per_s: Option<u64>,
+    pub cap_state_bytes: Option<u64>,
+    pub node_memory_mib: Option<u64>,
+    pub node_cpu_permille: Option<u32>,
+    pub node_state_bytes: Option<u64>,
 }
 
 /// The `[restart]` table: the restart intensity of module actors.
@@ -79,6 +107,9 @@ pub struct FileConfig {
     pub module_bytes_max: Option<u64>,
     pub sandbox: SandboxSection,
     pub restart: RestartSection,
+    pub quotas: QuotaSection,
+    /// Files modules may read with `sensor_read`, exactly as listed.
+    pub sensors: Vec<PathBuf>,
 }
 
 impl FileConfig {
@@ -114,6 +145,8 @@ pub struct NodeConfig {
     pub policy: TrustPolicy,
     pub operators: Vec<PublicKey>,
     pub sandbox: SandboxConfig,
+    /// Files modules may read with `sensor_read`.
+    pub sensors: BTreeSet<PathBuf>,
     /// How often the node gossips its report (health, labels, modules).
     pub report_interval: Duration,
 }
@@ -195,16 +228,7 @@ impl NodeConfig {
         operators.sort();
         operators.dedup();
 
-        let mut limits = SandboxLimits::default();
-        if let Some(m) = file.sandbox.memory_mib {
-            limits.memory_bytes_max = m * 1024 * 1024;
-        }
-        if let Some(ms) = file.sandbox.call_ms {
-            limits.call_ms_max = ms;
-        }
-        if let Some(b) = file.sandbox.log_line_bytes {
-            limits.log_line_bytes_max = b;
-        }
+        let sandbox_quotas = resolve_quotas(&file);
         let mut restart = RestartPolicy::default();
         if let Some(i) = file.restart.intensity {
             restart.intensity = i;
@@ -219,9 +243,25 @@ impl NodeConfig {
             restart.backoff_max = Duration::from_millis(ms);
         }
         let mut sandbox = SandboxConfig {
-            limits,
+            quotas: sandbox_quotas,
             restart,
             ..SandboxConfig::default()
+        };
+        if let Some(b) = file.sandbox.log_line_bytes {
+            sandbox.log_line_bytes_max = b;
+        }
+        // Compiled modules are cached under the node's own state directory only.
+        sandbox.engine.cache_dir = Some(state_dir.join("cache"));
+        sandbox.engine.fuel_per_call = file.sandbox.fuel_per_call;
+        if let Some(ms) = file.sandbox.compile_ms {
+            sandbox.engine.compile_ms_max = ms;
+        }
+        sandbox.engine.pool = match file.sandbox.pool_instances {
+            Some(0) => None,
+            n => Some(PoolConfig {
+                instances: n.unwrap_or(PoolConfig::default().instances),
+                memory_bytes_max: sandbox.quotas.caps.memory_bytes,
+            }),
         };
         if let Some(ms) = file.sandbox.tick_ms {
             sandbox.tick_interval = Duration::from_millis(ms.max(1));
@@ -239,8 +279,51 @@ impl NodeConfig {
             policy,
             operators,
             sandbox,
+            sensors: file.sensors.iter().cloned().collect(),
             report_interval: Duration::from_secs(2),
         })
+    }
+}
+
+/// Module quotas: the built-in policy, then the `[sandbox]` and `[quotas]` tables.
+fn resolve_quotas(file: &FileConfig) -> QuotaPolicy {
+    let mut p = QuotaPolicy::default();
+    let (s, q) = (&file.sandbox, &file.quotas);
+    let mib = |m: u64| m.saturating_mul(1024 * 1024);
+    let d = &mut p.defaults;
+    if let Some(m) = s.memory_mib {
+        d.memory_bytes = mib(m);
+    }
+    if let Some(ms) = s.call_ms {
+        d.call_ms = ms;
+    }
+    set(&mut d.cpu_share_permille, q.cpu_permille);
+    set(&mut d.messages_per_s, q.messages_per_s);
+    set(&mut d.log_bytes_per_s, q.log_bytes_per_s);
+    set(&mut d.publish_bytes_per_s, q.publish_bytes_per_s);
+    set(&mut d.state_bytes, q.state_bytes);
+    let c = &mut p.caps;
+    set(&mut c.memory_bytes, q.cap_memory_mib.map(mib));
+    set(&mut c.call_ms, q.cap_call_ms);
+    set(&mut c.cpu_share_permille, q.cap_cpu_permille);
+    set(&mut c.messages_per_s, q.cap_messages_per_s);
+    set(&mut c.log_bytes_per_s, q.cap_log_bytes_per_s);
+    set(&mut c.publish_bytes_per_s, q.cap_publish_bytes_per_s);
+    set(&mut c.state_bytes, q.cap_state_bytes);
+    // A default above its cap would be capped anyway; raising the cap to the default
+    // keeps an operator's explicit default meaningful.
+    c.memory_bytes = c.memory_bytes.max(p.defaults.memory_bytes);
+    c.call_ms = c.call_ms.max(p.defaults.call_ms);
+    let b = &mut p.budget;
+    set(&mut b.memory_bytes, q.node_memory_mib.map(mib));
+    set(&mut b.cpu_permille, q.node_cpu_permille);
+    set(&mut b.state_bytes, q.node_state_bytes);
+    p
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
     }
 }
 
@@ -305,7 +388,8 @@ mod tests {
         assert_eq!(c.labels["site"], "b");
         assert_eq!(c.labels["hw"], "rpi4");
         assert!(c.policy.release_keys.contains(&k));
-        assert_eq!(c.sandbox.limits.call_ms_max, 7);
+        assert_eq!(c.sandbox.quotas.defaults.call_ms, 7);
+        assert_eq!(c.sandbox.engine.cache_dir, Some(dir.path().join("s/cache")));
         assert_eq!(c.key_path, dir.path().join("s/node.key"));
 
         std::fs::write(&path, "unknown_field = 1\n").unwrap();

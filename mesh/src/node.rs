@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use mesh_actors::host::{HostServices, Published, APP_TOPIC};
+use mesh_actors::kv::KvStore;
 use mesh_actors::mailbox::MailboxError;
 use mesh_actors::manifest::{ReleaseKind, SignedManifest};
 use mesh_actors::node::{NodeAddrs, NodeArgs, NodeSupervisor, StoreMsg};
@@ -14,7 +16,7 @@ use mesh_actors::peers::{short_peer, NodeReport, PeerState, PeersMsg};
 use mesh_actors::releases::{ReleaseMsg, RELEASES_TOPIC};
 use mesh_actors::sandbox::{LogLine, SandboxEngine};
 use mesh_actors::sandbox_supervisor::{
-    ModuleState, SandboxEvent, SandboxMsg, SandboxSupervisorArgs,
+    FailureReport, ModuleState, SandboxEvent, SandboxMsg, SandboxSupervisorArgs, FAILURES_TOPIC,
 };
 use mesh_actors::store::ContentStore;
 use mesh_actors::trust::TrustPolicy;
@@ -27,8 +29,8 @@ use tokio::io::AsyncReadExt;
 
 use crate::config::NodeConfig;
 use crate::proto::{
-    ModulesInfo, NodeModules, PeerRequest, PeerResponse, PublishInfo, ReleaseInfo, Request,
-    Response, StatusInfo, LOG_LINES_MAX, PEER_RELEASES_MAX, REQUEST_BYTES_MAX,
+    FailureInfo, ModulesInfo, NodeModules, PeerRequest, PeerResponse, PublishInfo, ReleaseInfo,
+    Request, Response, StatusInfo, LOG_LINES_MAX, PEER_RELEASES_MAX, REQUEST_BYTES_MAX,
 };
 
 /// The gossipsub topic for node reports (health, labels, modules).
@@ -37,6 +39,11 @@ pub const REPORTS_TOPIC: &str = "mesh/reports/1";
 pub const LOG_QUEUE_MAX: usize = 4096;
 /// Sandbox events queued for the node (crashes, failures, rejections).
 pub const SANDBOX_EVENTS_MAX: usize = 1024;
+/// Messages modules published, waiting to be gossiped and delivered locally; when full,
+/// `publish` tells the module `E_FULL`.
+pub const OUTBOX_MAX: usize = 1024;
+/// Failure reports (this node's and those heard from peers) kept for `mesh modules`.
+pub const FAILURES_KEPT_MAX: usize = 256;
 /// Admin requests served at once per connection; more wait for the QUIC stream limit.
 pub const ADMIN_CONNECTIONS_MAX: usize = 64;
 /// How long an actor query from the admin endpoint may take.
@@ -80,6 +87,8 @@ struct Ctx {
     admin_addr: String,
     listen: Mutex<Vec<String>>,
     logs: Mutex<VecDeque<LogLine>>,
+    /// Releases reported failed, newest last.
+    failures: Mutex<VecDeque<FailureInfo>>,
 }
 
 /// Loads the node key, creating it on first start.
@@ -106,12 +115,24 @@ pub async fn run(
         ContentStore::open(&store_dir)
             .with_context(|| format!("opening the content store in {}", store_dir.display()))?,
     );
-    let engine = SandboxEngine::new().context("starting the wasm engine")?;
+    let engine = SandboxEngine::with_config(config.sandbox.engine.clone())
+        .context("starting the wasm engine")?;
+    let kv_path = config.state_dir.join("kv.redb");
+    let kv = Arc::new(
+        KvStore::open(&kv_path)
+            .with_context(|| format!("opening module state in {}", kv_path.display()))?,
+    );
+    let (outbox_tx, outbox_rx) = tokio::sync::mpsc::channel(OUTBOX_MAX);
 
     let swarm_config = SwarmConfig {
         listen: config.listen.clone(),
         bootstrap: config.bootstrap.clone(),
-        topics: vec![RELEASES_TOPIC.to_string(), REPORTS_TOPIC.to_string()],
+        topics: vec![
+            RELEASES_TOPIC.to_string(),
+            REPORTS_TOPIC.to_string(),
+            APP_TOPIC.to_string(),
+            FAILURES_TOPIC.to_string(),
+        ],
         ..SwarmConfig::default()
     };
     let (swarm, mut net_events) = swarm::spawn(&key, swarm_config)
@@ -127,7 +148,7 @@ pub async fn run(
     let admin_addr = admin.local_addr().to_string();
 
     let (logs_tx, mut logs_rx) = tokio::sync::mpsc::channel(LOG_QUEUE_MAX);
-    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(SANDBOX_EVENTS_MAX);
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(SANDBOX_EVENTS_MAX);
     let addrs = NodeAddrs::default();
     let node_args = NodeArgs {
         store: store.clone(),
@@ -138,6 +159,12 @@ pub async fn run(
             config: config.sandbox.clone(),
             logs: logs_tx,
             events: events_tx,
+            services: HostServices {
+                kv: Some(kv),
+                sensors: Arc::new(config.sensors.clone()),
+                outbox: Some(outbox_tx),
+            },
+            store: Some(store.clone()),
         },
         restart: config.sandbox.restart.clone(),
         addrs: addrs.clone(),
@@ -159,6 +186,7 @@ pub async fn run(
         admin_addr: admin_addr.clone(),
         listen: Mutex::new(listen.clone()),
         logs: Mutex::new(VecDeque::new()),
+        failures: Mutex::new(VecDeque::new()),
     });
 
     let run_info = RunInfo {
@@ -188,37 +216,8 @@ pub async fn run(
             ring.push_back(line);
         }
     });
-    tokio::spawn(async move {
-        while let Some(ev) = events_rx.recv().await {
-            match ev {
-                SandboxEvent::Started { name, version } => {
-                    tracing::info!(module = %name, version, "module running")
-                }
-                SandboxEvent::Crashed {
-                    name,
-                    version,
-                    reason,
-                    restart_in,
-                } => {
-                    tracing::warn!(module = %name, version, ?restart_in, "module crashed: {reason}")
-                }
-                SandboxEvent::Failed {
-                    name,
-                    version,
-                    reason,
-                } => {
-                    tracing::error!(module = %name, version, "module failed, not restarting: {reason}")
-                }
-                SandboxEvent::Rejected {
-                    name,
-                    version,
-                    reason,
-                } => {
-                    tracing::error!(module = %name, version, "module rejected: {reason}")
-                }
-            }
-        }
-    });
+    tokio::spawn(sandbox_events(ctx.clone(), events_rx));
+    tokio::spawn(outbox_pump(ctx.clone(), outbox_rx));
     tokio::spawn(net_pump(ctx.clone(), net_events));
     tokio::spawn(report_loop(ctx.clone()));
     tokio::spawn(admin_loop(ctx.clone(), admin));
@@ -231,6 +230,82 @@ pub async fn run(
             Ok(())
         }
         _ = &mut supervisor_done => bail!("the node's supervision tree stopped: a node actor exceeded its restart intensity"),
+    }
+}
+
+/// Logs what happens to modules and gossips the releases that failed here.
+async fn sandbox_events(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<SandboxEvent>) {
+    while let Some(ev) = events.recv().await {
+        match &ev {
+            SandboxEvent::Started { name, version } => {
+                tracing::info!(module = %name, version, "module running")
+            }
+            SandboxEvent::Crashed {
+                name,
+                version,
+                reason,
+                restart_in,
+            } => {
+                tracing::warn!(module = %name, version, ?restart_in, "module crashed: {reason}")
+            }
+            SandboxEvent::Failed {
+                name,
+                version,
+                reason,
+                ..
+            } => {
+                tracing::error!(module = %name, version, "module failed, not restarting: {reason}")
+            }
+            SandboxEvent::RolledBack {
+                name,
+                from,
+                to,
+                reason,
+                ..
+            } => {
+                tracing::error!(module = %name, from, to, "module rolled back: {reason}")
+            }
+            SandboxEvent::Rejected {
+                name,
+                version,
+                reason,
+            } => {
+                tracing::error!(module = %name, version, "module rejected: {reason}")
+            }
+        }
+        if let Some(report) = ev.failure_report() {
+            remember_failure(&ctx, ctx.key.short(), report.clone());
+            // No subscribed peer yet is normal for a lone node; the report stays in this
+            // node's list and its modules' status either way.
+            if let Err(e) = ctx.swarm.publish(FAILURES_TOPIC, report.encode()).await {
+                tracing::info!(module = %report.name, "failure report not sent now: {e}");
+            }
+        }
+    }
+}
+
+fn remember_failure(ctx: &Ctx, reporter: String, report: FailureReport) {
+    let mut list = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+    if list.len() >= FAILURES_KEPT_MAX {
+        list.pop_front();
+    }
+    list.push_back(FailureInfo { reporter, report });
+}
+
+/// Carries messages modules published: to every other node over gossip, and to this
+/// node's own subscribers (gossipsub does not deliver a node's messages to itself).
+async fn outbox_pump(ctx: Arc<Ctx>, mut outbox: tokio::sync::mpsc::Receiver<Published>) {
+    while let Some(m) = outbox.recv().await {
+        let local = SandboxMsg::Deliver {
+            topic: m.topic.clone(),
+            data: m.data.clone().into(),
+        };
+        if let Err(e) = ctx.addrs.sandbox.try_send(local) {
+            tracing::debug!(module = %m.module, "delivering a published message locally: {e}");
+        }
+        if let Err(e) = ctx.swarm.publish(APP_TOPIC, m.encode()).await {
+            tracing::debug!(module = %m.module, "gossiping a published message: {e}");
+        }
     }
 }
 
@@ -320,6 +395,26 @@ fn on_gossip(
             ctx.addrs
                 .peers
                 .try_send(PeersMsg::Report { author, report })
+        }
+        APP_TOPIC => match Published::decode(data) {
+            Ok(m) => ctx.addrs.sandbox.try_send(SandboxMsg::Deliver {
+                topic: m.topic,
+                data: m.data.into(),
+            }),
+            Err(e) => {
+                tracing::debug!(via = %short_peer(&via), "dropped a published message: {e}");
+                Ok(())
+            }
+        },
+        FAILURES_TOPIC => {
+            match (author, FailureReport::decode(data)) {
+                (Some(author), Ok(report)) => {
+                    tracing::warn!(node = %short_peer(&author), module = %report.name, version = report.version, "a peer reports a failed release: {}", report.reason);
+                    remember_failure(ctx, short_peer(&author), report);
+                }
+                _ => tracing::debug!(via = %short_peer(&via), "dropped a malformed failure report"),
+            }
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -507,6 +602,13 @@ async fn handle_request(
                     modules: local,
                 },
                 mesh,
+                failures: ctx
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect(),
             })
         }
         Request::Releases => match a.releases.call(ReleaseMsg::List, QUERY).await {

@@ -79,6 +79,16 @@ pub struct ModulesInfo {
     pub local: NodeModules,
     /// Other nodes' modules as their last gossiped reports say (only with `--all`).
     pub mesh: Vec<NodeModules>,
+    /// Releases that failed for good on this node or on peers that reported it, oldest
+    /// first.
+    pub failures: Vec<FailureInfo>,
+}
+
+/// A failed release and who reported it (a short node id).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailureInfo {
+    pub reporter: String,
+    pub report: mesh_actors::sandbox_supervisor::FailureReport,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -25,12 +25,37 @@ pub async fn run(cli: &Cli, args: &ModulesArgs) -> anyhow::Result<()> {
         return super::print_json(&info);
     }
     println!(
-        "{:<14} {:<20} {:>7} {:<10} {:>8} {:<14}",
-        "NODE", "MODULE", "VERSION", "STATE", "RESTARTS", "CONTENT"
+        "{:<14} {:<20} {:>7} {:<10} {:>8} {:<14} {:>9} {:>8} {:>9} {:>9} {:>8}",
+        "NODE",
+        "MODULE",
+        "VERSION",
+        "STATE",
+        "RESTARTS",
+        "CONTENT",
+        "CPU_MS",
+        "MEM_KIB",
+        "LOG_DROP",
+        "PUBLISHED",
+        "STATE_B"
     );
     print_node(&info.local);
     for n in &info.mesh {
         print_node(n);
+    }
+    if !info.failures.is_empty() {
+        println!();
+        println!("FAILED RELEASES (reported by nodes over gossip)");
+        for f in &info.failures {
+            let r = &f.report;
+            let outcome = match r.rolled_back_to {
+                Some(v) => format!("rolled back to v{v}"),
+                None => "failed".to_string(),
+            };
+            println!(
+                "{:<14} {:<20} v{:<6} {:<20} {}",
+                f.reporter, r.name, r.version, outcome, r.reason
+            );
+        }
     }
     Ok(())
 }
@@ -46,20 +71,39 @@ fn print_node(n: &NodeModules) {
         println!("{node:<14} (none)");
     }
     for m in &n.modules {
+        use mesh_actors::sandbox_supervisor::ModuleState;
         let state = match &m.state {
-            mesh_actors::sandbox_supervisor::ModuleState::Failed { reason } => {
-                format!("failed: {reason}")
-            }
+            ModuleState::Failed { reason } => format!("failed: {reason}"),
+            ModuleState::Refused { reason } => format!("refused: {reason}"),
+            ModuleState::Backoff { restart_in_ms } => format!("backoff {restart_in_ms}ms"),
             other => format!("{other:?}").to_lowercase(),
         };
+        let u = &m.usage;
         println!(
-            "{:<14} {:<20} {:>7} {:<10} {:>8} {:<14}",
+            "{:<14} {:<20} {:>7} {:<10} {:>8} {:<14} {:>9} {:>8} {:>9} {:>9} {:>8}",
             node,
             m.name,
             m.version,
             state,
             m.restarts,
-            m.content.short()
+            m.content.short(),
+            u.cpu_us / 1000,
+            u.memory_bytes / 1024,
+            u.log_lines_dropped,
+            u.published,
+            u.state_bytes
         );
+        if let Some(r) = &m.rolled_back_from {
+            println!("{:<14}   rolled back from v{}: {}", "", r.version, r.reason);
+        }
+        if let Some(r) = &m.last_refusal {
+            println!("{:<14}   refused v{}: {}", "", r.version, r.reason);
+        }
+        if u.throttled > 0 || u.publish_refused > 0 || u.messages_dropped > 0 {
+            println!(
+                "{:<14}   throttled {} publish refused {} messages dropped {}",
+                "", u.throttled, u.publish_refused, u.messages_dropped
+            );
+        }
     }
 }
