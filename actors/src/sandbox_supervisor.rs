@@ -1396,10 +1396,18 @@ mod tests {
         handle: tokio::task::JoinHandle<()>,
         _dir: tempfile::TempDir,
         store: Arc<ContentStore>,
+        kv: Arc<KvStore>,
     }
 
     impl Harness {
         async fn start(config: SandboxConfig) -> Harness {
+            Harness::start_with(config, Default::default()).await
+        }
+
+        async fn start_with(
+            config: SandboxConfig,
+            sensors: BTreeSet<std::path::PathBuf>,
+        ) -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let store = Arc::new(ContentStore::open(&dir.path().join("store")).unwrap());
             let kv = Arc::new(KvStore::open(&dir.path().join("kv.redb")).unwrap());
@@ -1413,8 +1421,8 @@ mod tests {
                     logs: logs_tx,
                     events: events_tx,
                     services: HostServices {
-                        kv: Some(kv),
-                        sensors: Arc::default(),
+                        kv: Some(kv.clone()),
+                        sensors: Arc::new(sensors),
                         outbox: Some(outbox),
                     },
                     store: Some(store.clone()),
@@ -1441,7 +1449,21 @@ mod tests {
                 handle,
                 _dir: dir,
                 store,
+                kv,
             }
+        }
+
+        fn deploy_bytes(&self, name: &str, version: u64, bytes: Vec<u8>) {
+            let bytes: Arc<[u8]> = bytes.into();
+            self.sup
+                .try_send(SandboxMsg::Deploy(Deployment {
+                    name: name.to_string(),
+                    version,
+                    content: ContentId::of(&bytes),
+                    bytes,
+                    quotas: Quotas::default(),
+                }))
+                .unwrap();
         }
 
         fn deploy(&self, name: &str, version: u64, source: &str) {
@@ -2039,6 +2061,79 @@ mod tests {
         assert_eq!(s.usage.state_bytes, 12, "key of 8 bytes, value of 4");
         let sensor = h.status_where("sensor", |_| true).await;
         assert!(sensor.usage.published >= 8, "{:?}", sensor.usage);
+        h.stop().await;
+    }
+
+    /// Builds the C guests with `examples/modules/c/build.sh`; `None` (and a message)
+    /// when clang for wasm32-wasi is not installed.
+    fn c_guests() -> Option<std::path::PathBuf> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/modules/c");
+        let out = std::process::Command::new("bash")
+            .arg(dir.join("build.sh"))
+            .output()
+            .expect("running build.sh");
+        assert!(
+            out.status.success(),
+            "build.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let built = dir.join("out");
+        if !built.join("sensor.wasm").exists() {
+            println!(
+                "skipping: C guests not built: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(built)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn c_guests_run_and_hostile_c_guests_are_contained() {
+        let Some(built) = c_guests() else { return };
+        let c = |name: &str| std::fs::read(built.join(format!("{name}.wasm"))).unwrap();
+        let sensor_dir = tempfile::tempdir().unwrap();
+        let sensor = sensor_dir.path().join("temp");
+        std::fs::write(&sensor, "21.5\n").unwrap();
+        let mut config = fast_config();
+        // wasi-libc's printf and malloc want more than the 4 MiB of the WAT tests' quota.
+        config.quotas.defaults.memory_bytes = 16 << 20;
+        let mut h = Harness::start_with(config, [sensor.clone()].into()).await;
+        let path = sensor.to_str().unwrap().as_bytes();
+        h.kv.set("sensor", b"path", path, 1 << 20).unwrap();
+        h.deploy_bytes("aggregator", 1, c("aggregator"));
+        expect_started(h.event().await, "aggregator", 1);
+        h.deploy_bytes("sensor", 1, c("sensor"));
+        expect_started(h.event().await, "sensor", 1);
+        let line = h.log_where(|l| l.module == "sensor").await;
+        assert_eq!(line.text, format!("sensor reading {}", sensor.display()));
+        let line = h.log_where(|l| l.module == "aggregator").await;
+        assert_eq!(line.text, "readings 8 mean 21.50 min 21.50 max 21.50");
+
+        for kind in ["spin", "membomb", "recursion", "logspam", "flood"] {
+            h.deploy_bytes(&format!("hostile-{kind}"), 1, c(&format!("hostile_{kind}")));
+        }
+        let spam = h
+            .status_where("hostile-logspam", |s| s.usage.log_lines_dropped > 0)
+            .await;
+        assert_eq!(spam.restarts, 0);
+        let flood = h
+            .status_where("hostile-flood", |s| s.usage.publish_refused > 0)
+            .await;
+        assert_eq!(flood.restarts, 0);
+        for crasher in ["spin", "membomb", "recursion"] {
+            h.status_where(&format!("hostile-{crasher}"), |s| {
+                s.restarts >= 1 || matches!(s.state, ModuleState::Failed { .. })
+            })
+            .await;
+        }
+        // The sensor pipeline kept running through all of it.
+        h.log_where(|l| l.module == "aggregator" && l.text.starts_with("readings 24 "))
+            .await;
+        for name in ["sensor", "aggregator"] {
+            let s = h.status_where(name, |_| true).await;
+            assert_eq!((s.state, s.restarts), (ModuleState::Running, 0), "{name}");
+        }
         h.stop().await;
     }
 

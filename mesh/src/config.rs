@@ -366,6 +366,44 @@ mod tests {
     }
 
     #[test]
+    fn quotas_sensors_and_engine_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.toml");
+        std::fs::write(
+            &path,
+            "sensors = [\"/sys/class/thermal/thermal_zone0/temp\"]\n\
+             [sandbox]\nmemory_mib = 8\npool_instances = 0\nfuel_per_call = 1000\n\
+             [quotas]\ncpu_permille = 50\ncap_memory_mib = 4\nnode_memory_mib = 100\n",
+        )
+        .unwrap();
+        let flags = AgentFlags {
+            config: Some(path),
+            state: Some(dir.path().join("s")),
+            ..AgentFlags::default()
+        };
+        let c = NodeConfig::resolve(&flags).unwrap();
+        let q = &c.sandbox.quotas;
+        assert_eq!(q.defaults.memory_bytes, 8 << 20);
+        // A cap below the default is raised to it: the operator's default holds.
+        assert_eq!(q.caps.memory_bytes, 8 << 20);
+        assert_eq!(q.defaults.cpu_share_permille, 50);
+        assert_eq!(q.budget.memory_bytes, 100 << 20);
+        assert!(c.sandbox.engine.pool.is_none());
+        assert_eq!(c.sandbox.engine.fuel_per_call, Some(1000));
+        assert!(c.sensors.contains(std::path::Path::new(
+            "/sys/class/thermal/thermal_zone0/temp"
+        )));
+        // The default node gets a pool sized to the memory cap.
+        let c = NodeConfig::resolve(&AgentFlags {
+            state: Some(dir.path().join("t")),
+            ..AgentFlags::default()
+        })
+        .unwrap();
+        let pool = c.sandbox.engine.pool.unwrap();
+        assert_eq!(pool.memory_bytes_max, c.sandbox.quotas.caps.memory_bytes);
+    }
+
+    #[test]
     fn flags_override_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.toml");
