@@ -357,17 +357,37 @@ pub struct ModuleArgs {
     /// Where the module's subscriptions are published once `init` has run.
     subscriptions: Arc<Mutex<BTreeSet<String>>>,
     /// Messages routed to this module and not yet handled (shared with the supervisor).
-    queued: Arc<AtomicUsize>,
+    inbox: Arc<Inbox>,
     kv_used: Option<Arc<crate::kv::KvStore>>,
+}
+
+/// Messages waiting for one module, filled by the supervisor and emptied by the module
+/// actor in batches: one blocking call handles everything that queued up meanwhile, so
+/// the cost of reaching the module's thread is paid once per batch, not per message.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    queue: Mutex<std::collections::VecDeque<(String, Arc<[u8]>)>>,
+    /// Set while a `Drain` is on its way to the actor, so there is at most one.
+    drain_queued: AtomicBool,
+}
+
+impl Inbox {
+    fn take(&self) -> Vec<(String, Arc<[u8]>)> {
+        self.drain_queued.store(false, Ordering::Release);
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.drain(..).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 #[derive(Debug)]
 pub enum ModuleMsg {
     Tick,
-    Message {
-        topic: String,
-        data: Arc<[u8]>,
-    },
+    /// Messages are waiting in the inbox.
+    Drain,
     /// Take the module's state for its next version and stop running ticks (messages are
     /// no longer routed here once the supervisor asks this).
     Snapshot(RpcReplyPort<Option<Vec<u8>>>),
@@ -386,7 +406,7 @@ pub struct ModuleActorState {
     ticker: Option<AbortOnDrop>,
     cpu: CpuMeter,
     usage: Arc<Usage>,
-    queued: Arc<AtomicUsize>,
+    inbox: Arc<Inbox>,
     /// Set after a snapshot: the module is being replaced and runs nothing more.
     frozen: bool,
 }
@@ -424,6 +444,52 @@ impl ModuleActorState {
         let value = result.map_err(|source| ModuleFailure::Call { export, source })?;
         self.sandbox = Some(sandbox);
         Ok(value)
+    }
+
+    /// Hands every message in the inbox to `on_message`, in one blocking call. A message
+    /// that finds the module over its CPU share is dropped (and counted), like a tick.
+    async fn drain(&mut self) -> Result<(), ModuleFailure> {
+        let batch = self.inbox.take();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let Some(mut sandbox) = self.sandbox.take() else {
+            return Err(ModuleFailure::Panicked {
+                export: "on_message",
+            });
+        };
+        let mut cpu = self.cpu.clone();
+        let usage = self.usage.clone();
+        let (sandbox, cpu, result) = tokio::task::spawn_blocking(move || {
+            for (topic, data) in batch {
+                if !cpu.may_run(Instant::now()) {
+                    Usage::add(&usage.throttled, 1);
+                    Usage::add(&usage.messages_dropped, 1);
+                    continue;
+                }
+                Usage::add(&usage.delivered, 1);
+                let started = Instant::now();
+                let result = sandbox.deliver(&topic, &data);
+                cpu.charge(started.elapsed(), Instant::now());
+                if let Err(e) = result {
+                    return (sandbox, cpu, Err(e));
+                }
+            }
+            (sandbox, cpu, Ok(()))
+        })
+        .await
+        .map_err(|_| ModuleFailure::Panicked {
+            export: "on_message",
+        })?;
+        self.cpu = cpu;
+        // A failed sandbox is not put back: the actor fails and is discarded (with the
+        // rest of its batch).
+        result.map_err(|source| ModuleFailure::Call {
+            export: "on_message",
+            source,
+        })?;
+        self.sandbox = Some(sandbox);
+        Ok(())
     }
 
     /// Whether the module may run now; counts a refusal as throttled.
@@ -474,7 +540,7 @@ impl Actor for ModuleActor {
             ticker: None,
             cpu: CpuMeter::new(quotas.cpu_share_permille, quotas.call_ms, Instant::now()),
             usage,
-            queued: args.queued,
+            inbox: args.inbox,
             frozen: false,
         })
     }
@@ -486,6 +552,7 @@ impl Actor for ModuleActor {
     ) -> Result<(), ActorProcessingErr> {
         let queued = state.tick_queued.clone();
         let period = state.tick_interval;
+        let drain_ref = myself.clone();
         let ticker = tokio::spawn(async move {
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -505,6 +572,10 @@ impl Actor for ModuleActor {
             }
         });
         state.ticker = Some(AbortOnDrop(ticker));
+        // Messages that arrived while the module was restarting are still in its inbox.
+        if state.inbox.len() > 0 && !state.inbox.drain_queued.swap(true, Ordering::AcqRel) {
+            let _ = drain_ref.cast(ModuleMsg::Drain);
+        }
         Ok(())
     }
 
@@ -522,18 +593,10 @@ impl Actor for ModuleActor {
                 }
                 state.with_sandbox("on_tick", |s| s.call("on_tick")).await?;
             }
-            ModuleMsg::Message { topic, data } => {
-                state.queued.fetch_sub(1, Ordering::AcqRel);
-                if !state.may_run() {
-                    Usage::add(&state.usage.messages_dropped, 1);
-                    return Ok(());
-                }
-                Usage::add(&state.usage.delivered, 1);
-                state
-                    .with_sandbox("on_message", move |s| s.deliver(&topic, &data))
-                    .await?;
-            }
+            ModuleMsg::Drain => state.drain().await?,
             ModuleMsg::Snapshot(reply) => {
+                // Everything routed here before the swap is handled by this version.
+                state.drain().await?;
                 state.frozen = true;
                 // A snapshot that traps leaves the next version to start without state;
                 // the old version is being stopped either way.
@@ -603,7 +666,7 @@ struct ModuleEntry {
     actor: Option<ActorRef<ModuleMsg>>,
     usage: Arc<Usage>,
     subscriptions: Arc<Mutex<BTreeSet<String>>>,
-    queued: Arc<AtomicUsize>,
+    inbox: Arc<Inbox>,
     rolled_back_from: Option<RolledBackFrom>,
     last_refusal: Option<Refusal>,
     /// The reason of the failure that exhausted the budget, kept for the rollback.
@@ -772,7 +835,7 @@ impl SupervisorState {
         let old = self.modules.get(&d.name);
         let old_running = old.and_then(|e| e.actor.clone());
         let usage = old.map(|e| e.usage.clone()).unwrap_or_default();
-        let queued = old.map(|e| e.queued.clone()).unwrap_or_default();
+        let inbox = old.map(|e| e.inbox.clone()).unwrap_or_default();
         let generation = self.next_generation();
         let subscriptions = Arc::new(Mutex::new(BTreeSet::new()));
         let started = self
@@ -785,7 +848,7 @@ impl SupervisorState {
                 generation,
                 usage.clone(),
                 subscriptions.clone(),
-                queued.clone(),
+                inbox.clone(),
             )
             .await;
         let new_actor = match started {
@@ -806,7 +869,7 @@ impl SupervisorState {
                     None,
                     usage,
                     subscriptions,
-                    queued,
+                    inbox,
                 );
                 let entry = ModuleEntry {
                     rolled_back_from: rollback,
@@ -865,7 +928,7 @@ impl SupervisorState {
             Some(new_actor),
             usage,
             subscriptions,
-            queued,
+            inbox,
         );
         entry.budget = budget;
         entry.state = ModuleState::Running;
@@ -897,7 +960,7 @@ impl SupervisorState {
         actor: Option<ActorRef<ModuleMsg>>,
         usage: Arc<Usage>,
         subscriptions: Arc<Mutex<BTreeSet<String>>>,
-        queued: Arc<AtomicUsize>,
+        inbox: Arc<Inbox>,
     ) -> ModuleEntry {
         ModuleEntry {
             version: d.version,
@@ -912,7 +975,7 @@ impl SupervisorState {
             actor,
             usage,
             subscriptions,
-            queued,
+            inbox,
             rolled_back_from: None,
             last_refusal: None,
             last_failure: None,
@@ -933,7 +996,7 @@ impl SupervisorState {
         generation: u64,
         usage: Arc<Usage>,
         subscriptions: Arc<Mutex<BTreeSet<String>>>,
-        queued: Arc<AtomicUsize>,
+        inbox: Arc<Inbox>,
     ) -> Result<ActorRef<ModuleMsg>, StartError> {
         let reservation = quotas.reservation();
         let admitted = ractor::call!(self.quota, |reply| QuotaMsg::Admit {
@@ -961,7 +1024,7 @@ impl SupervisorState {
             },
             tick_interval: self.args.config.tick_interval,
             subscriptions,
-            queued,
+            inbox,
             kv_used: self.args.services.kv.clone(),
         };
         match Actor::spawn_linked(None, ModuleActor, args, myself).await {
@@ -1022,7 +1085,7 @@ impl SupervisorState {
         let quotas = entry.quotas.clone();
         let usage = entry.usage.clone();
         let subscriptions = entry.subscriptions.clone();
-        let queued = entry.queued.clone();
+        let inbox = entry.inbox.clone();
         let generation = self.next_generation();
         if let Some(entry) = self.modules.get_mut(&name) {
             entry.generation = generation;
@@ -1039,7 +1102,7 @@ impl SupervisorState {
                 generation,
                 usage,
                 subscriptions,
-                queued,
+                inbox,
             )
             .await;
         match started {
@@ -1255,18 +1318,19 @@ impl SupervisorState {
                 Usage::add(&entry.usage.messages_dropped, 1);
                 continue;
             };
-            let queued = entry.queued.fetch_add(1, Ordering::AcqRel);
-            if queued >= MODULE_MESSAGES_QUEUED_MAX {
-                entry.queued.fetch_sub(1, Ordering::AcqRel);
-                Usage::add(&entry.usage.messages_dropped, 1);
-                continue;
+            {
+                let mut q = entry.inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if q.len() >= MODULE_MESSAGES_QUEUED_MAX {
+                    Usage::add(&entry.usage.messages_dropped, 1);
+                    continue;
+                }
+                q.push_back((topic.to_string(), data.clone()));
             }
-            let msg = ModuleMsg::Message {
-                topic: topic.to_string(),
-                data: data.clone(),
-            };
-            if actor.cast(msg).is_err() {
-                entry.queued.fetch_sub(1, Ordering::AcqRel);
+            if !entry.inbox.drain_queued.swap(true, Ordering::AcqRel)
+                && actor.cast(ModuleMsg::Drain).is_err()
+            {
+                // The actor just stopped; its successor drains the inbox when it starts.
+                entry.inbox.drain_queued.store(false, Ordering::Release);
                 tracing::debug!(module = %name, "message for a module that just stopped");
             }
         }
