@@ -4,6 +4,9 @@
 //! and inputs and return what to do; the actors are thin shells that feed them messages
 //! and carry out the result. See `docs/architecture.md` and `docs/runtime-semantics.md`.
 
+pub mod bucket;
+pub mod delta;
+pub mod fetch;
 pub mod host;
 pub mod kv;
 pub mod mailbox;
@@ -15,8 +18,10 @@ pub mod releases;
 pub mod restart;
 pub mod sandbox;
 pub mod sandbox_supervisor;
+pub mod schedule;
 pub mod store;
 pub mod trust;
+pub mod verified;
 
 /// Milliseconds since the Unix epoch, for reports and log lines (never for decisions,
 /// which take their `now` as an argument).

@@ -33,6 +33,9 @@ pub enum ReleaseKind {
     Module,
     /// A firmware image written to the inactive A/B slot.
     Firmware,
+    /// Content nodes fetch, keep and serve without running it (models, configuration
+    /// bundles, assets that modules read).
+    Data,
 }
 
 impl ReleaseKind {
@@ -41,6 +44,7 @@ impl ReleaseKind {
         match self {
             ReleaseKind::Module => "module",
             ReleaseKind::Firmware => "firmware",
+            ReleaseKind::Data => "data",
         }
     }
 }
@@ -62,6 +66,7 @@ impl FromStr for ReleaseKind {
         match s {
             "module" => Ok(ReleaseKind::Module),
             "firmware" => Ok(ReleaseKind::Firmware),
+            "data" => Ok(ReleaseKind::Data),
             other => Err(ReleaseKindParseError(other.to_string())),
         }
     }
@@ -82,6 +87,47 @@ pub struct Manifest {
     /// After this instant the release is refused, so that an attacker who holds back
     /// newer releases cannot keep a fleet on an old one forever (a freeze attack).
     pub expires_unix: Option<u64>,
+    /// What the module asks of the node's resources; each figure is capped by the
+    /// node's own policy. Empty for firmware.
+    pub quotas: Quotas,
+    /// Binary patches that turn an earlier image into this one, so a node that runs a
+    /// listed base fetches only the patch.
+    pub deltas: Vec<DeltaRef>,
+}
+
+/// Per-module resource quotas a release declares. `None` takes the node's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quotas {
+    /// Linear memory of one instance.
+    pub memory_bytes: Option<u64>,
+    /// CPU time one call (init, on_tick, on_message) may take.
+    pub call_ms: Option<u64>,
+    /// Share of one core over time, in thousandths.
+    pub cpu_share_permille: Option<u32>,
+    /// Messages the module may publish per second.
+    pub messages_per_s: Option<u32>,
+    /// Log bytes per second.
+    pub log_bytes_per_s: Option<u64>,
+    /// Published bytes per second.
+    pub publish_bytes_per_s: Option<u64>,
+    /// Persistent key-value state.
+    pub state_bytes: Option<u64>,
+}
+
+/// Deltas listed in one manifest; one per base image a fleet may still run.
+pub const DELTAS_MAX: usize = 16;
+/// Codec names are short identifiers such as "bsdiff" or "zstd".
+pub const CODEC_BYTES_MAX: usize = 32;
+
+/// A patch from `base` (BLAKE3 of the old image) to the manifest's content.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeltaRef {
+    pub base: ContentId,
+    /// BLAKE3 of the patch blob.
+    pub patch: ContentId,
+    pub patch_size: u64,
+    /// Which codec made the patch; the patch blob records it too.
+    pub codec: String,
 }
 
 /// One signer's signature over [`Manifest::signing_payload`].
@@ -121,6 +167,20 @@ pub enum ShapeError {
     VersionZero { name: String },
     #[error("checking manifest {name} v{version}: size must be at least 1 byte")]
     SizeZero { name: String, version: u64 },
+    #[error(
+        "checking manifest {name} v{version}: {count} deltas is over the limit of {DELTAS_MAX}"
+    )]
+    TooManyDeltas {
+        name: String,
+        version: u64,
+        count: usize,
+    },
+    #[error("checking manifest {name} v{version}: delta codec name {codec:?} is empty, too long or not [a-z0-9-]")]
+    Codec {
+        name: String,
+        version: u64,
+        codec: String,
+    },
 }
 
 /// Errors from decoding a signed manifest received from a peer or read from disk.
@@ -178,6 +238,27 @@ impl Manifest {
                 name: self.name.clone(),
                 version: self.version,
             });
+        }
+        if self.deltas.len() > DELTAS_MAX {
+            return Err(ShapeError::TooManyDeltas {
+                name: self.name.clone(),
+                version: self.version,
+                count: self.deltas.len(),
+            });
+        }
+        for d in &self.deltas {
+            let ok = !d.codec.is_empty()
+                && d.codec.len() <= CODEC_BYTES_MAX
+                && d.codec
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err(ShapeError::Codec {
+                    name: self.name.clone(),
+                    version: self.version,
+                    codec: d.codec.clone(),
+                });
+            }
         }
         Ok(())
     }
@@ -260,6 +341,8 @@ mod tests {
             size: 10,
             created_unix: 1_700_000_000,
             expires_unix: Some(1_800_000_000),
+            quotas: Default::default(),
+            deltas: Vec::new(),
         }
     }
 

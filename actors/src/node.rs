@@ -4,10 +4,15 @@
 //! Other parts of the node hold an [`Addr`] for each child rather than an actor ref, so
 //! that a restarted child is reached through the same handle.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use mesh_transport::swarm::{RangeRequest, RangeResponse, Responder, SwarmHandle};
+use mesh_transport::libp2p::PeerId;
+use mesh_transport::swarm::{BlobRequest, BlobResponse, Responder, SwarmHandle};
+
+use crate::bucket::TokenBucket;
+use crate::fetch::{FetchCtx, Transfers};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::mailbox::{BoundedRef, Envelope, MailboxError};
@@ -67,58 +72,194 @@ impl<M: Send + 'static> Addr<M> {
     }
 }
 
+/// Blob requests served at once (each reads from disk and hashes what it sends).
+pub const SERVES_CONCURRENT_MAX: usize = 8;
+/// Blob requests served at once to one peer, so one greedy peer cannot take them all.
+pub const SERVES_PER_PEER_MAX: usize = 4;
+
 /// Messages to the store actor.
 pub enum StoreMsg {
-    ServeRange {
-        request: RangeRequest,
-        reply: Responder<RangeResponse>,
+    Serve {
+        peer: PeerId,
+        request: BlobRequest,
+        reply: Responder<BlobResponse>,
     },
+    /// A serve task finished (frees the peer's slot).
+    Served { peer: PeerId },
 }
 
-/// Serves blob ranges to peers from the content store.
+/// What the store actor needs.
+#[derive(Clone)]
+pub struct StoreArgs {
+    pub store: Arc<ContentStore>,
+    pub transfers: Transfers,
+    /// The node's upload cap; `None` is unlimited.
+    pub upload_limit: Option<Arc<Mutex<TokenBucket>>>,
+    pub myself: Addr<StoreMsg>,
+}
+
+pub struct StoreState {
+    args: StoreArgs,
+    serving: Arc<tokio::sync::Semaphore>,
+    per_peer: HashMap<PeerId, usize>,
+}
+
+/// Serves blob groups (from complete blobs and from downloads in progress) and
+/// have-queries to peers, within the upload cap and the serving limits.
 pub struct StoreActor;
 
 impl Actor for StoreActor {
     type Msg = Envelope<StoreMsg>;
-    type State = Arc<ContentStore>;
-    type Arguments = Arc<ContentStore>;
+    type State = StoreState;
+    type Arguments = StoreArgs;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        store: Arc<ContentStore>,
-    ) -> Result<Arc<ContentStore>, ActorProcessingErr> {
-        Ok(store)
+        myself: ActorRef<Self::Msg>,
+        args: StoreArgs,
+    ) -> Result<StoreState, ActorProcessingErr> {
+        args.myself
+            .set(Some(BoundedRef::new(myself, STORE_MAILBOX_MAX)));
+        Ok(StoreState {
+            args,
+            serving: Arc::new(tokio::sync::Semaphore::new(SERVES_CONCURRENT_MAX)),
+            per_peer: HashMap::new(),
+        })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         envelope: Self::Msg,
-        store: &mut Arc<ContentStore>,
+        state: &mut StoreState,
     ) -> Result<(), ActorProcessingErr> {
         match envelope.msg {
-            StoreMsg::ServeRange { request, reply } => {
-                let store = store.clone();
-                let response =
-                    tokio::task::spawn_blocking(move || serve_range(&store, &request)).await?;
-                reply.send(response);
+            StoreMsg::Served { peer } => {
+                if let Some(n) = state.per_peer.get_mut(&peer) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        state.per_peer.remove(&peer);
+                    }
+                }
+            }
+            StoreMsg::Serve {
+                peer,
+                request,
+                reply,
+            } => {
+                let busy = state.per_peer.get(&peer).copied().unwrap_or(0) >= SERVES_PER_PEER_MAX;
+                let Ok(permit) = state.serving.clone().try_acquire_owned() else {
+                    reply.send(BlobResponse::Busy);
+                    return Ok(());
+                };
+                if busy {
+                    reply.send(BlobResponse::Busy);
+                    return Ok(());
+                }
+                *state.per_peer.entry(peer).or_insert(0) += 1;
+                let args = state.args.clone();
+                tokio::spawn(async move {
+                    let (a, r) = (args.clone(), request.clone());
+                    let response =
+                        tokio::task::spawn_blocking(move || serve(&a.store, &a.transfers, &r))
+                            .await
+                            .unwrap_or_else(|e| BlobResponse::Invalid(e.to_string()));
+                    if let (Some(limit), BlobResponse::Encoded(bytes)) =
+                        (&args.upload_limit, &response)
+                    {
+                        let wait = limit
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take(bytes.len() as u64, Instant::now());
+                        tokio::time::sleep(wait).await;
+                    }
+                    reply.send(response);
+                    drop(permit);
+                    // A full mailbox only delays freeing the slot until the next message.
+                    let _ = args.myself.try_send(StoreMsg::Served { peer });
+                });
             }
         }
         Ok(())
     }
 }
 
-fn serve_range(store: &ContentStore, request: &RangeRequest) -> RangeResponse {
-    let Some(total) = store.size_of(&request.id) else {
-        return RangeResponse::NotFound;
-    };
-    match store.read_range(&request.id, request.offset, u64::from(request.len)) {
-        Ok(bytes) => RangeResponse::Data { total, bytes },
-        Err(crate::store::ReadError::NotFound { .. }) => RangeResponse::NotFound,
+/// Answers one blob request from the store or a download in progress.
+pub fn serve(store: &ContentStore, transfers: &Transfers, request: &BlobRequest) -> BlobResponse {
+    match request {
+        BlobRequest::Have { id } => {
+            if let Some(size) = store.size_of(id) {
+                return BlobResponse::Have {
+                    size,
+                    ranges: vec![(0, crate::verified::groups_of(size))],
+                };
+            }
+            match transfers.partial(id) {
+                Some(p) => {
+                    let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                    BlobResponse::Have {
+                        size: p.size(),
+                        ranges: p
+                            .ranges()
+                            .into_iter()
+                            .take(mesh_transport::swarm::HAVE_RUNS_MAX)
+                            .collect(),
+                    }
+                }
+                None => BlobResponse::NotFound,
+            }
+        }
+        BlobRequest::Groups { id, start, end } => {
+            if let Some(size) = store.size_of(id) {
+                return serve_complete(store, id, size, *start, *end);
+            }
+            match transfers.partial(id) {
+                Some(p) => {
+                    let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                    match p.encode(*start, *end) {
+                        Ok(bytes) => BlobResponse::Encoded(bytes),
+                        Err(_) => BlobResponse::NotFound,
+                    }
+                }
+                None => BlobResponse::NotFound,
+            }
+        }
+    }
+}
+
+fn serve_complete(
+    store: &ContentStore,
+    id: &mesh_transport::ContentId,
+    size: u64,
+    start: u64,
+    end: u64,
+) -> BlobResponse {
+    let opened = store.outboard_path(id).and_then(|ob| {
+        let io = |source| crate::store::ReadError::Io {
+            action: format!("opening blob {id} to serve it"),
+            source,
+        };
+        let data = std::fs::File::open(store.blob_path(id)).map_err(io)?;
+        let ob = std::fs::File::open(ob).map_err(io)?;
+        Ok((data, ob))
+    });
+    let (data, ob) = match opened {
+        Ok(f) => f,
         Err(e) => {
-            tracing::warn!(content = %request.id.short(), "serving a range: {e}");
-            RangeResponse::Invalid(e.to_string())
+            tracing::warn!(content = %id.short(), "serving a blob: {e}");
+            return BlobResponse::NotFound;
+        }
+    };
+    match crate::verified::encode_complete(id, &data, size, &ob, start, end) {
+        Ok(bytes) => BlobResponse::Encoded(bytes),
+        Err(crate::verified::VerifiedError::OutOfRange { .. }) => {
+            BlobResponse::Invalid(format!("groups {start}..{end} are not a valid request"))
+        }
+        Err(e) => {
+            // Validated encoding found the blob damaged on disk: say nothing rather
+            // than send bad data, and leave it to the store's readers to notice.
+            tracing::error!(content = %id.short(), "refusing to serve a damaged blob: {e}");
+            BlobResponse::NotFound
         }
     }
 }
@@ -136,6 +277,9 @@ pub struct NodeAddrs {
 pub struct NodeArgs {
     pub store: Arc<ContentStore>,
     pub swarm: SwarmHandle,
+    pub transfers: Transfers,
+    pub upload_limit: Option<Arc<Mutex<TokenBucket>>>,
+    pub download_limit: Option<Arc<Mutex<TokenBucket>>>,
     pub policy: TrustPolicy,
     pub sandbox: SandboxSupervisorArgs,
     pub restart: RestartPolicy,
@@ -184,9 +328,13 @@ async fn spawn_child(
     let a = &args.addrs;
     let cell = match child {
         Child::Store => {
-            let (r, _) = Actor::spawn_linked(None, StoreActor, args.store.clone(), me).await?;
-            a.store
-                .set(Some(BoundedRef::new(r.clone(), STORE_MAILBOX_MAX)));
+            let store_args = StoreArgs {
+                store: args.store.clone(),
+                transfers: args.transfers.clone(),
+                upload_limit: args.upload_limit.clone(),
+                myself: a.store.clone(),
+            };
+            let (r, _) = Actor::spawn_linked(None, StoreActor, store_args, me).await?;
             r.get_cell()
         }
         Child::Peers => {
@@ -206,6 +354,12 @@ async fn spawn_child(
                 policy: args.policy.clone(),
                 store: args.store.clone(),
                 swarm: args.swarm.clone(),
+                fetch: FetchCtx {
+                    swarm: args.swarm.clone(),
+                    store: args.store.clone(),
+                    transfers: args.transfers.clone(),
+                    download_limit: args.download_limit.clone(),
+                },
                 sandbox: a.sandbox.clone(),
                 peers: a.peers.clone(),
                 myself: a.releases.clone(),

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_transport::libp2p::PeerId;
-use mesh_transport::swarm::{RangeRequest, RangeResponse, SwarmHandle, RANGE_BYTES_MAX};
-use mesh_transport::ContentId;
+use mesh_transport::swarm::SwarmHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::mailbox::Envelope;
@@ -36,8 +35,6 @@ pub const FETCH_ATTEMPTS_MAX: u32 = 12;
 /// First wait before retrying a failed fetch; doubles per attempt up to the max.
 pub const FETCH_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 pub const FETCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Peers asked, in order, for one fetch attempt.
-pub const FETCH_PEERS_MAX: usize = 8;
 
 type Key = (ReleaseKind, String);
 
@@ -179,75 +176,6 @@ impl ReleaseBook {
     }
 }
 
-/// Downloads a blob from the first candidate that has it, range by range, into the
-/// store. Nothing is stored unless the whole blob hashes to its id.
-pub async fn fetch_blob(
-    swarm: &SwarmHandle,
-    store: &ContentStore,
-    id: ContentId,
-    size: u64,
-    candidates: &[PeerId],
-) -> Result<PeerId, String> {
-    let mut errors = Vec::new();
-    for &peer in candidates.iter().take(FETCH_PEERS_MAX) {
-        match fetch_from(swarm, store, id, size, peer).await {
-            Ok(()) => return Ok(peer),
-            Err(e) => {
-                tracing::debug!(peer = %short_peer(&peer), content = %id.short(), error = %e, "fetch attempt failed");
-                errors.push(format!("{}: {e}", short_peer(&peer)));
-            }
-        }
-    }
-    if errors.is_empty() {
-        return Err("no connected peer to fetch from".into());
-    }
-    Err(errors.join("; "))
-}
-
-async fn fetch_from(
-    swarm: &SwarmHandle,
-    store: &ContentStore,
-    id: ContentId,
-    size: u64,
-    peer: PeerId,
-) -> Result<(), String> {
-    let mut writer = store.writer(id, size).map_err(|e| e.to_string())?;
-    let mut offset = 0u64;
-    while offset < size {
-        let len = (size - offset).min(u64::from(RANGE_BYTES_MAX)) as u32;
-        let response = swarm
-            .request_range(peer, RangeRequest { id, offset, len })
-            .await
-            .map_err(|e| e.to_string())?;
-        match response {
-            RangeResponse::Data { total, bytes } => {
-                if total != size {
-                    return Err(format!(
-                        "peer says the blob has {total} bytes, the manifest {size}"
-                    ));
-                }
-                if bytes.is_empty() || bytes.len() > len as usize {
-                    return Err(format!(
-                        "peer sent {} bytes for a range of {len}",
-                        bytes.len()
-                    ));
-                }
-                writer.write(&bytes).map_err(|e| e.to_string())?;
-                offset += bytes.len() as u64;
-            }
-            RangeResponse::NotFound => return Err("peer does not have it".into()),
-            RangeResponse::Busy => return Err("peer is busy".into()),
-            RangeResponse::Invalid(why) => return Err(format!("peer refused the request: {why}")),
-        }
-    }
-    // The hash check happens here: a peer that sent wrong bytes fails the whole attempt
-    // and nothing reaches the store.
-    tokio::task::spawn_blocking(move || writer.finish())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
-}
-
 /// Messages to the release actor.
 pub enum ReleaseMsg {
     /// A manifest heard from a peer (gossip or a release list).
@@ -264,7 +192,8 @@ pub enum ReleaseMsg {
         kind: ReleaseKind,
         name: String,
         version: u64,
-        result: Result<PeerId, String>,
+        /// The peer that delivered most, if any did (the content may have been here).
+        result: Result<Option<PeerId>, String>,
     },
     Tick,
     /// Hands every installed module to the sandbox supervisor again, after it restarted
@@ -279,6 +208,7 @@ pub struct ReleaseArgs {
     pub policy: TrustPolicy,
     pub store: Arc<ContentStore>,
     pub swarm: SwarmHandle,
+    pub fetch: crate::fetch::FetchCtx,
     pub sandbox: Addr<SandboxMsg>,
     pub peers: Addr<PeersMsg>,
     pub myself: Addr<ReleaseMsg>,
@@ -349,7 +279,8 @@ impl Actor for ReleaseActor {
                 let ok = result.is_ok();
                 match &result {
                     Ok(peer) => {
-                        tracing::info!(release = %name, version, from = %short_peer(peer), "fetched and verified")
+                        let from = peer.as_ref().map(short_peer).unwrap_or_default();
+                        tracing::info!(release = %name, version, %from, "fetched and verified")
                     }
                     Err(e) => {
                         tracing::warn!(release = %name, version, error = %e, "fetching release content")
@@ -474,20 +405,24 @@ impl ReleaseState {
         if due.is_empty() {
             return;
         }
-        let connected = self
-            .args
-            .peers
-            .call(PeersMsg::ConnectedPeers, Duration::from_secs(2))
-            .await
-            .unwrap_or_default();
         for (signed, hint) in due {
-            let mut candidates: Vec<PeerId> = hint.into_iter().collect();
-            candidates.extend(connected.iter().filter(|p| Some(**p) != hint));
             let args = self.args.clone();
             tokio::spawn(async move {
                 let m = &signed.manifest;
-                let result =
-                    fetch_blob(&args.swarm, &args.store, m.content, m.size, &candidates).await;
+                let label = format!("{} {} v{}", m.kind, m.name, m.version);
+                let hint: Vec<PeerId> = hint.into_iter().collect();
+                let result = crate::fetch::download(&args.fetch, m.content, m.size, &label, &hint)
+                    .await
+                    .map(|report| {
+                        let from: Vec<String> = report
+                            .contributors
+                            .iter()
+                            .map(|(p, n)| format!("{}:{n}", short_peer(p)))
+                            .collect();
+                        tracing::info!(release = %m.name, version = m.version, bytes = report.bytes, ms = report.elapsed.as_millis() as u64, from = %from.join(","), "download complete");
+                        report.contributors.first().map(|(p, _)| *p)
+                    })
+                    .map_err(|e| e.to_string());
                 let done = ReleaseMsg::FetchDone {
                     kind: m.kind,
                     name: m.name.clone(),
@@ -558,7 +493,7 @@ async fn deploy(args: &ReleaseArgs, signed: &SignedManifest) {
 mod tests {
     use super::*;
     use crate::manifest::Manifest;
-    use mesh_transport::SecretKey;
+    use mesh_transport::{ContentId, SecretKey};
 
     fn policy(key: &SecretKey) -> TrustPolicy {
         TrustPolicy {
@@ -579,6 +514,8 @@ mod tests {
                 size: 2,
                 created_unix: 0,
                 expires_unix: None,
+                quotas: Default::default(),
+                deltas: Vec::new(),
             },
             &[key],
         )

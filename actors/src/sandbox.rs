@@ -375,9 +375,13 @@ impl SandboxEngine {
             .map_err(|e| CompileError::Link {
                 reason: format!("{e:#}"),
             })?;
+        let has_initialize = module
+            .exports()
+            .any(|e| e.name() == "_initialize" && matches!(e.ty(), wasmtime::ExternType::Func(_)));
         Ok(CompiledModule {
             module,
             pre: Arc::new(pre),
+            has_initialize,
         })
     }
 
@@ -455,6 +459,8 @@ fn open_cache(dir: &std::path::Path) -> Result<Cache, EngineError> {
 pub struct CompiledModule {
     module: Module,
     pre: Arc<InstancePre<Host>>,
+    /// Known at compile time, so starting a module without it costs no export lookup.
+    has_initialize: bool,
 }
 
 impl CompiledModule {
@@ -492,8 +498,17 @@ pub struct Sandbox {
     call_ms_max: u64,
     memory_bytes_max: u64,
     fuel_per_call: Option<u64>,
+    /// `on_message`, looked up once: it is called for every message.
+    on_message: Option<OnMessage>,
     /// Keeps the epoch ticker running for as long as this instance can run code.
     _engine: SandboxEngine,
+}
+
+/// What looking up `on_message` found.
+#[derive(Clone)]
+enum OnMessage {
+    Missing,
+    Found(wasmtime::TypedFunc<(i32, i32), ()>),
 }
 
 impl Sandbox {
@@ -587,13 +602,16 @@ impl Sandbox {
             call_ms_max,
             memory_bytes_max,
             fuel_per_call,
+            on_message: None,
             _engine: engine.clone(),
         };
-        sandbox
-            .call("_initialize")
-            .map_err(|e| InstantiateError::Failed {
-                reason: format!("calling _initialize: {e}"),
-            })?;
+        if module.has_initialize {
+            sandbox
+                .call("_initialize")
+                .map_err(|e| InstantiateError::Failed {
+                    reason: format!("calling _initialize: {e}"),
+                })?;
+        }
         Ok(sandbox)
     }
 
@@ -658,7 +676,36 @@ impl Sandbox {
     /// Hands a message to `on_message(topic_len, data_len)`; the guest copies topic and
     /// data out with `msg_topic` and `msg_data`. Ok(false) when there is no `on_message`.
     pub fn deliver(&mut self, topic: &str, data: &[u8]) -> Result<bool, CallError> {
-        self.call_with_input("on_message", topic, data, |len_t, len_d| (len_t, len_d))
+        let func = match &self.on_message {
+            Some(OnMessage::Found(f)) => f.clone(),
+            Some(OnMessage::Missing) => return Ok(false),
+            None => {
+                let found = match self.func("on_message")? {
+                    None => OnMessage::Missing,
+                    Some(f) => {
+                        OnMessage::Found(f.typed::<(i32, i32), ()>(&self.store).map_err(|_| {
+                            CallError::WrongSignature {
+                                export: "on_message".to_string(),
+                            }
+                        })?)
+                    }
+                };
+                self.on_message = Some(found);
+                return self.deliver(topic, data);
+            }
+        };
+        let args = (
+            i32::try_from(topic.len()).unwrap_or(i32::MAX),
+            i32::try_from(data.len()).unwrap_or(i32::MAX),
+        );
+        self.store.data_mut().input = Some(Input {
+            topic: topic.to_string(),
+            data: data.to_vec(),
+        });
+        let result = self.run(|store| func.call(store, args));
+        self.store.data_mut().input = None;
+        result?;
+        Ok(true)
     }
 
     /// Takes the module's `snapshot`: what the guest writes with `snapshot_write` while
@@ -1178,6 +1225,37 @@ mod tests {
             })
         );
         assert!(sb.usage().figures().memory_bytes <= 4 << 20);
+    }
+
+    #[test]
+    fn table_growth_past_the_limit_is_refused() {
+        let engine = engine();
+        let (tx, _rx) = mpsc::channel(1);
+        let wat = r#"(module
+            (table $t 1 funcref)
+            (func (export "grow") (param i32) (result i32)
+                (table.grow $t (ref.null func) (local.get 0))))"#;
+        let mut sb = instantiate(&engine, wat, tx).unwrap();
+        let grow =
+            |sb: &mut Sandbox, n: i32| sb.call_raw("grow", &[Val::I32(n)]).unwrap()[0].unwrap_i32();
+        // From 1 element to the limit is fine; one more is refused (-1), not a trap.
+        assert_eq!(grow(&mut sb, TABLE_ELEMENTS_MAX as i32 - 1), 1);
+        assert_eq!(grow(&mut sb, 1), -1);
+    }
+
+    #[test]
+    fn a_second_memory_or_too_many_tables_fail_instantiation() {
+        let engine = engine();
+        let (tx, _rx) = mpsc::channel(1);
+        let err = instantiate(&engine, "(module (memory 1) (memory 1))", tx.clone())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("memor"), "{err}");
+        let tables = "(table 1 funcref)".repeat(TABLES_MAX + 1);
+        let err = instantiate(&engine, &format!("(module {tables})"), tx)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("table"), "{err}");
     }
 
     #[test]

@@ -79,6 +79,16 @@ pub enum PutError {
     Abandoned { id: ContentId },
     #[error("storing blob {id}: {source}")]
     Io { id: ContentId, source: io::Error },
+    #[error(
+        "storing blob {id}: the store is full ({stored} of {max} bytes used, {size} more needed); \
+         raise store_bytes_max or remove old releases"
+    )]
+    StoreFull {
+        id: ContentId,
+        size: u64,
+        stored: u64,
+        max: u64,
+    },
 }
 
 /// Errors from reading or removing blobs and reading release records.
@@ -142,6 +152,12 @@ fn decode_record(key: &str, bytes: &[u8]) -> Result<SignedManifest, String> {
 struct Blobs {
     blobs_dir: PathBuf,
     partial_dir: PathBuf,
+    /// Bao outboards of complete blobs, by id (`outboards/<hex>`).
+    outboards_dir: PathBuf,
+    /// Resumable downloads (`verified::PartialBlob`), kept across restarts.
+    downloads_dir: PathBuf,
+    /// Total bytes of complete blobs and downloads the store may hold.
+    bytes_max: AtomicU64,
     /// Size of every complete blob, by id.
     index: Mutex<HashMap<ContentId, u64>>,
 }
@@ -189,7 +205,15 @@ impl ContentStore {
     pub fn open(dir: &Path) -> Result<ContentStore, StoreOpenError> {
         let blobs_dir = dir.join("blobs");
         let partial_dir = dir.join("partial");
-        for path in [dir, &blobs_dir, &partial_dir] {
+        let outboards_dir = dir.join("outboards");
+        let downloads_dir = dir.join("downloads");
+        for path in [
+            dir,
+            &blobs_dir,
+            &partial_dir,
+            &outboards_dir,
+            &downloads_dir,
+        ] {
             fs::create_dir_all(path).map_err(|source| StoreOpenError::CreateDir {
                 path: path.to_path_buf(),
                 source,
@@ -272,6 +296,9 @@ impl ContentStore {
             blobs: Arc::new(Blobs {
                 blobs_dir,
                 partial_dir,
+                outboards_dir,
+                downloads_dir,
+                bytes_max: AtomicU64::new(u64::MAX),
                 index: Mutex::new(index),
             }),
             db,
@@ -280,6 +307,73 @@ impl ContentStore {
 
     pub fn has(&self, id: &ContentId) -> bool {
         self.blobs.index().contains_key(id)
+    }
+
+    /// Caps the bytes of complete blobs plus downloads in progress.
+    pub fn set_bytes_max(&self, max: u64) {
+        self.blobs.bytes_max.store(max, Ordering::Relaxed);
+    }
+
+    /// Refuses a new blob of `size` bytes when the store would go over its cap.
+    /// `reserved` is what downloads in progress will still add.
+    pub fn check_room(&self, id: &ContentId, size: u64, reserved: u64) -> Result<(), PutError> {
+        let max = self.blobs.bytes_max.load(Ordering::Relaxed);
+        let stored = self.bytes_stored().saturating_add(reserved);
+        if stored.saturating_add(size) > max {
+            return Err(PutError::StoreFull {
+                id: *id,
+                size,
+                stored,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Where resumable downloads keep their files.
+    pub fn downloads_dir(&self) -> &Path {
+        &self.blobs.downloads_dir
+    }
+
+    /// The file of a complete blob.
+    pub fn blob_path(&self, id: &ContentId) -> PathBuf {
+        self.blobs.blob_path(id)
+    }
+
+    /// The bao outboard of a complete blob, computed (and checked against the id) the
+    /// first time it is needed.
+    pub fn outboard_path(&self, id: &ContentId) -> Result<PathBuf, ReadError> {
+        let path = self.blobs.outboards_dir.join(id.to_string());
+        if path.exists() {
+            return Ok(path);
+        }
+        let size = self.size_of(id).ok_or(ReadError::NotFound(*id))?;
+        let ob = crate::verified::outboard_of_file(id, &self.blobs.blob_path(id), size)
+            .map_err(|e| self.corrupt(id, e.to_string()))?;
+        fsutil::write_atomic(&path, &ob, BLOB_FILE_MODE).map_err(|source| ReadError::Io {
+            action: format!("writing the outboard of {id}"),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// Takes over a finished, fully verified download: its outboard and its data file,
+    /// renamed into place.
+    pub fn adopt(
+        &self,
+        id: &ContentId,
+        data: &Path,
+        size: u64,
+        outboard: &[u8],
+    ) -> Result<(), PutError> {
+        let io_err = |source| PutError::Io { id: *id, source };
+        let ob_path = self.blobs.outboards_dir.join(id.to_string());
+        fsutil::write_atomic(&ob_path, outboard, BLOB_FILE_MODE).map_err(io_err)?;
+        let shard = self.blobs.ensure_shard(id).map_err(io_err)?;
+        fs::rename(data, self.blobs.blob_path(id)).map_err(io_err)?;
+        fsutil::sync_dir(&shard).map_err(io_err)?;
+        self.blobs.index().insert(*id, size);
+        Ok(())
     }
 
     pub fn size_of(&self, id: &ContentId) -> Option<u64> {
@@ -303,6 +397,7 @@ impl ContentStore {
         if self.has(id) {
             return Ok(());
         }
+        self.check_room(id, size, 0)?;
         let io_err = |source| PutError::Io { id: *id, source };
         self.blobs.ensure_shard(id).map_err(io_err)?;
         fsutil::write_atomic(&self.blobs.blob_path(id), bytes, BLOB_FILE_MODE).map_err(io_err)?;
@@ -315,6 +410,7 @@ impl ContentStore {
         if size > BLOB_BYTES_MAX {
             return Err(PutError::TooLarge { id, size });
         }
+        self.check_room(&id, size, 0)?;
         // Unique per process and writer, so concurrent downloads of one blob never share
         // a partial file.
         static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -395,6 +491,7 @@ impl ContentStore {
     /// Deletes a blob. Release records that name it are left alone; the caller decides
     /// what may be garbage collected.
     pub fn remove(&self, id: &ContentId) -> Result<(), ReadError> {
+        let _ = fs::remove_file(self.blobs.outboards_dir.join(id.to_string()));
         let path = self.blobs.blob_path(id);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -765,6 +862,8 @@ mod tests {
             size: 5,
             created_unix: 1,
             expires_unix: None,
+            quotas: Default::default(),
+            deltas: Vec::new(),
         };
         SignedManifest::sign(m, &[&SecretKey::from_seed([4; 32])])
     }

@@ -89,7 +89,7 @@ impl TrustPolicy {
     pub fn bytes_max(&self, kind: ReleaseKind) -> u64 {
         match kind {
             ReleaseKind::Module => self.module_bytes_max,
-            ReleaseKind::Firmware => self.firmware_bytes_max,
+            ReleaseKind::Firmware | ReleaseKind::Data => self.firmware_bytes_max,
         }
     }
 
@@ -195,6 +195,8 @@ mod tests {
             size,
             created_unix: NOW - 10,
             expires_unix: Some(NOW + 3600),
+            quotas: Default::default(),
+            deltas: Vec::new(),
         }
     }
 

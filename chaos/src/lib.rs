@@ -1,8 +1,59 @@
 //! mesh-chaos: the fault-injection harness and the whole-system benchmarks.
 //!
-//! It starts fleets of real `mesh` processes, injects faults (kill, pause, partitions,
-//! loss, slow links, full or corrupted disks, lying peers), checks invariants, and
-//! hosts the `bench` commands. The harness arrives with its own issue; until then this
-//! crate only pins the dependency direction (transport <- actors <- mesh <- chaos).
+//! It starts fleets of real `mesh` processes, injects faults, checks invariants, and
+//! hosts the `bench` commands. Each benchmark is one file under `bench/` and ends its
+//! output with one line of `key=value` pairs, so scripts can read the figures.
 
-pub use mesh;
+use clap::{Parser, Subcommand};
+
+pub mod bench;
+pub mod fleet;
+pub mod netns;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-chaos",
+    version,
+    about = "Fault injection and whole-system benchmarks for mesh"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Whole-system benchmarks.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Bench(b) => bench::run(b).await,
+    }
+}
+
+/// Formats the last line of a benchmark: `key=value` pairs separated by spaces.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn key_values_line() {
+        let line = super::key_values(&[("nodes", "16".into()), ("ratio", "1.25".into())]);
+        assert_eq!(line, "nodes=16 ratio=1.25");
+    }
+}

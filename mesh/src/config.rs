@@ -105,6 +105,12 @@ pub struct FileConfig {
     pub threshold: Option<usize>,
     pub operators: Vec<PublicKey>,
     pub module_bytes_max: Option<u64>,
+    /// Total bytes of blobs (and downloads in progress) the node stores.
+    pub store_bytes_max: Option<u64>,
+    /// Upload cap for serving peers, bytes per second.
+    pub upload_bytes_per_s: Option<u64>,
+    /// Download cap for fetching from peers, bytes per second.
+    pub download_bytes_per_s: Option<u64>,
     pub sandbox: SandboxSection,
     pub restart: RestartSection,
     pub quotas: QuotaSection,
@@ -147,6 +153,9 @@ pub struct NodeConfig {
     pub sandbox: SandboxConfig,
     /// Files modules may read with `sensor_read`.
     pub sensors: BTreeSet<PathBuf>,
+    pub store_bytes_max: Option<u64>,
+    pub upload_bytes_per_s: Option<u64>,
+    pub download_bytes_per_s: Option<u64>,
     /// How often the node gossips its report (health, labels, modules).
     pub report_interval: Duration,
 }
@@ -164,6 +173,9 @@ pub struct AgentFlags {
     pub release_keys: Vec<PublicKey>,
     pub threshold: Option<usize>,
     pub operators: Vec<PublicKey>,
+    pub store_bytes_max: Option<u64>,
+    pub upload_bytes_per_s: Option<u64>,
+    pub download_bytes_per_s: Option<u64>,
 }
 
 impl NodeConfig {
@@ -280,6 +292,9 @@ impl NodeConfig {
             operators,
             sandbox,
             sensors: file.sensors.iter().cloned().collect(),
+            store_bytes_max: flags.store_bytes_max.or(file.store_bytes_max),
+            upload_bytes_per_s: flags.upload_bytes_per_s.or(file.upload_bytes_per_s),
+            download_bytes_per_s: flags.download_bytes_per_s.or(file.download_bytes_per_s),
             report_interval: Duration::from_secs(2),
         })
     }

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use mesh_actors::bucket::TokenBucket;
+use mesh_actors::fetch::{FetchCtx, HaveAnnouncement, Transfers, HAVE_TOPIC};
 use mesh_actors::host::{HostServices, Published, APP_TOPIC};
 use mesh_actors::kv::KvStore;
 use mesh_actors::mailbox::MailboxError;
@@ -22,15 +24,16 @@ use mesh_actors::store::ContentStore;
 use mesh_actors::trust::TrustPolicy;
 use mesh_transport::admin::{AdminConnection, AdminServer};
 use mesh_transport::libp2p::PeerId;
-use mesh_transport::swarm::{self, NetEvent, SwarmConfig, SwarmHandle};
-use mesh_transport::{wire, PublicKey, SecretKey};
+use mesh_transport::swarm::{self, BlobRequest, BlobResponse, NetEvent, SwarmConfig, SwarmHandle};
+use mesh_transport::{wire, ContentId, PublicKey, SecretKey};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
 use crate::config::NodeConfig;
 use crate::proto::{
-    FailureInfo, ModulesInfo, NodeModules, PeerRequest, PeerResponse, PublishInfo, ReleaseInfo,
-    Request, Response, StatusInfo, LOG_LINES_MAX, PEER_RELEASES_MAX, REQUEST_BYTES_MAX,
+    BlobState, FailureInfo, ModulesInfo, NodeModules, PeerRequest, PeerResponse, PublishInfo,
+    ReleaseInfo, Request, Response, StatusInfo, LOG_LINES_MAX, PEER_RELEASES_MAX,
+    REQUEST_BYTES_MAX,
 };
 
 /// The gossipsub topic for node reports (health, labels, modules).
@@ -46,6 +49,8 @@ pub const OUTBOX_MAX: usize = 1024;
 pub const FAILURES_KEPT_MAX: usize = 256;
 /// Admin requests served at once per connection; more wait for the QUIC stream limit.
 pub const ADMIN_CONNECTIONS_MAX: usize = 64;
+/// The smallest burst a rate cap allows, so one chunk-group response always fits.
+const RATE_BURST_MIN: u64 = 256 * 1024;
 /// How long an actor query from the admin endpoint may take.
 const QUERY: Duration = Duration::from_secs(5);
 
@@ -83,6 +88,7 @@ struct Ctx {
     store: Arc<ContentStore>,
     engine: SandboxEngine,
     addrs: NodeAddrs,
+    transfers: Transfers,
     policy: TrustPolicy,
     admin_addr: String,
     listen: Mutex<Vec<String>>,
@@ -115,6 +121,9 @@ pub async fn run(
         ContentStore::open(&store_dir)
             .with_context(|| format!("opening the content store in {}", store_dir.display()))?,
     );
+    if let Some(max) = config.store_bytes_max {
+        store.set_bytes_max(max);
+    }
     let engine = SandboxEngine::with_config(config.sandbox.engine.clone())
         .context("starting the wasm engine")?;
     let kv_path = config.state_dir.join("kv.redb");
@@ -123,6 +132,17 @@ pub async fn run(
             .with_context(|| format!("opening module state in {}", kv_path.display()))?,
     );
     let (outbox_tx, outbox_rx) = tokio::sync::mpsc::channel(OUTBOX_MAX);
+    let now = Instant::now();
+    let bucket = |rate: Option<u64>| {
+        rate.map(|r| {
+            Arc::new(Mutex::new(TokenBucket::new(
+                r,
+                (r / 4).max(RATE_BURST_MIN),
+                now,
+            )))
+        })
+    };
+    let transfers = Transfers::default();
 
     let swarm_config = SwarmConfig {
         listen: config.listen.clone(),
@@ -130,6 +150,7 @@ pub async fn run(
         topics: vec![
             RELEASES_TOPIC.to_string(),
             REPORTS_TOPIC.to_string(),
+            HAVE_TOPIC.to_string(),
             APP_TOPIC.to_string(),
             FAILURES_TOPIC.to_string(),
         ],
@@ -153,6 +174,9 @@ pub async fn run(
     let node_args = NodeArgs {
         store: store.clone(),
         swarm: swarm.clone(),
+        transfers: transfers.clone(),
+        upload_limit: bucket(config.upload_bytes_per_s),
+        download_limit: bucket(config.download_bytes_per_s),
         policy: config.policy.clone(),
         sandbox: SandboxSupervisorArgs {
             engine: engine.clone(),
@@ -183,6 +207,7 @@ pub async fn run(
         store,
         engine,
         addrs,
+        transfers,
         admin_addr: admin_addr.clone(),
         listen: Mutex::new(listen.clone()),
         logs: Mutex::new(VecDeque::new()),
@@ -327,6 +352,7 @@ async fn net_pump(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<NetEven
                 a.peers.try_send(PeersMsg::Connected { peer, addr })
             }
             NetEvent::PeerDisconnected { peer } => {
+                ctx.transfers.forget_peer(&peer);
                 a.peers.try_send(PeersMsg::Disconnected { peer })
             }
             NetEvent::PeerRtt { peer, rtt } => a.peers.try_send(PeersMsg::Rtt { peer, rtt }),
@@ -345,9 +371,17 @@ async fn net_pump(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<NetEven
                 data,
                 via,
             } => on_gossip(&ctx, author, via, &topic, &data),
-            NetEvent::RangeRequested { request, reply, .. } => {
+            NetEvent::BlobRequested {
+                peer,
+                request,
+                reply,
+            } => {
                 // A full store mailbox drops the responder, which answers Busy.
-                a.store.try_send(StoreMsg::ServeRange { request, reply })
+                a.store.try_send(StoreMsg::Serve {
+                    peer,
+                    request,
+                    reply,
+                })
             }
             NetEvent::RpcRequested {
                 peer,
@@ -377,10 +411,12 @@ fn on_gossip(
     data: &[u8],
 ) -> Result<(), MailboxError> {
     match topic {
+        // The announcer (the message's signed author) holds the content; the relaying
+        // peer may not.
         RELEASES_TOPIC => match SignedManifest::decode(data) {
             Ok(signed) => ctx.addrs.releases.try_send(ReleaseMsg::Offer {
                 signed,
-                from: Some(via),
+                from: Some(author.unwrap_or(via)),
             }),
             Err(e) => {
                 tracing::warn!(via = %short_peer(&via), "dropped a malformed release announcement: {e}");
@@ -395,6 +431,15 @@ fn on_gossip(
             ctx.addrs
                 .peers
                 .try_send(PeersMsg::Report { author, report })
+        }
+        HAVE_TOPIC => {
+            match (author, HaveAnnouncement::decode(data)) {
+                (Some(author), Ok(have)) => ctx.transfers.on_have(author, have, Instant::now()),
+                _ => {
+                    tracing::debug!(via = %short_peer(&via), "dropped a malformed have-announcement")
+                }
+            }
+            Ok(())
         }
         APP_TOPIC => match Published::decode(data) {
             Ok(m) => ctx.addrs.sandbox.try_send(SandboxMsg::Deliver {
@@ -628,6 +673,25 @@ async fn handle_request(
             lines.reverse();
             Response::Logs(lines)
         }
+        Request::Transfers => Response::Transfers(ctx.transfers.list(Instant::now())),
+        Request::Blob { id } => {
+            let size = ctx.store.size_of(&id);
+            let partial = ctx
+                .transfers
+                .list(Instant::now())
+                .into_iter()
+                .find(|t| t.id == id);
+            Response::Blob(BlobState {
+                id,
+                complete: size.is_some(),
+                size: size.or(partial.as_ref().map(|t| t.size)),
+                have_bytes: size.or(partial.map(|t| t.have_bytes)).unwrap_or(0),
+            })
+        }
+        Request::Fetch { id } => match fetch_by_hash(ctx, id).await {
+            Ok((size, complete)) => Response::Fetching { id, size, complete },
+            Err(e) => Response::Error(format!("{e:#}")),
+        },
         Request::Publish { manifest } => match publish(ctx, operator, &manifest, recv).await {
             Ok(info) => Response::Published(info),
             Err(e) => {
@@ -712,6 +776,67 @@ async fn publish(
         peers,
     })
 }
+
+/// Starts a download of a blob named only by its hash. Its size comes from the peers
+/// that hold it; a peer lying about the size cannot make a wrong blob verify, because
+/// the BLAKE3 tree of a blob commits to its length.
+async fn fetch_by_hash(ctx: &Ctx, id: ContentId) -> anyhow::Result<(u64, bool)> {
+    if let Some(size) = ctx.store.size_of(&id) {
+        return Ok((size, true));
+    }
+    let mut size = ctx
+        .transfers
+        .providers(&id)
+        .into_iter()
+        .find_map(|(p, _)| ctx.transfers.announced_size(&id, &p));
+    let mut hint = Vec::new();
+    if size.is_none() {
+        let peers: Vec<PeerId> = ctx
+            .swarm
+            .info()
+            .await
+            .map(|i| i.connected.iter().filter_map(|p| p.parse().ok()).collect())
+            .unwrap_or_default();
+        for peer in peers.into_iter().take(FETCH_QUERY_PEERS_MAX) {
+            if let Ok(BlobResponse::Have { size: s, .. }) =
+                ctx.swarm.request_blob(peer, BlobRequest::Have { id }).await
+            {
+                size = Some(s);
+                hint.push(peer);
+                break;
+            }
+        }
+    }
+    let size = size.with_context(|| format!("fetching {id}: no connected peer has it"))?;
+    if size
+        > ctx
+            .policy
+            .firmware_bytes_max
+            .max(ctx.policy.module_bytes_max)
+    {
+        bail!("fetching {id}: peers say it has {size} bytes, over this node's blob limit");
+    }
+    let fetch = FetchCtx {
+        swarm: ctx.swarm.clone(),
+        store: ctx.store.clone(),
+        transfers: ctx.transfers.clone(),
+        download_limit: None,
+    };
+    tokio::spawn(async move {
+        match mesh_actors::fetch::download(&fetch, id, size, &format!("blob {}", id.short()), &hint)
+            .await
+        {
+            Ok(r) => {
+                tracing::info!(content = %id.short(), bytes = r.bytes, ms = r.elapsed.as_millis() as u64, "fetch complete")
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    });
+    Ok((size, false))
+}
+
+/// Peers asked for a blob's size when nobody has announced it.
+const FETCH_QUERY_PEERS_MAX: usize = 16;
 
 /// Content bytes are read in pieces of this size from the operator's stream.
 const UPLOAD_CHUNK_BYTES: usize = 256 * 1024;

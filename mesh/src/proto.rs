@@ -34,6 +34,16 @@ pub enum Request {
         module: Option<String>,
         limit: u32,
     },
+    /// Downloads in progress on the node.
+    Transfers,
+    /// Fetch a blob by hash from whichever peers have it (size learned from them).
+    Fetch {
+        id: ContentId,
+    },
+    /// Whether the node holds a blob, completely or in part.
+    Blob {
+        id: ContentId,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,6 +54,14 @@ pub enum Response {
     Releases(Vec<ReleaseInfo>),
     Published(PublishInfo),
     Logs(Vec<LogLine>),
+    Transfers(Vec<mesh_actors::fetch::TransferInfo>),
+    /// A fetch started (or the blob was already here).
+    Fetching {
+        id: ContentId,
+        size: u64,
+        complete: bool,
+    },
+    Blob(BlobState),
     /// The request failed; the text says what was being attempted and why.
     Error(String),
 }
@@ -122,6 +140,14 @@ pub struct PublishInfo {
     pub size: u64,
     /// Peers connected to the node when it announced the release.
     pub peers: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlobState {
+    pub id: ContentId,
+    pub complete: bool,
+    pub size: Option<u64>,
+    pub have_bytes: u64,
 }
 
 /// Messages exchanged between nodes over the swarm's rpc protocol.

@@ -29,8 +29,14 @@ pub const COMMANDS_QUEUE_MAX: usize = 1024;
 pub const EVENTS_QUEUE_MAX: usize = 4096;
 /// A gossip message carries at most a manifest or a node report, both far smaller.
 pub const GOSSIP_BYTES_MAX: usize = 256 * 1024;
-/// One blob range per request; bounded so that one response never holds much memory.
-pub const RANGE_BYTES_MAX: u32 = 1024 * 1024;
+/// One response carries at most 1 MiB of blob data plus its proof (parent hashes), so
+/// one response never holds much memory.
+pub const BLOB_RESPONSE_BYTES_MAX: usize = 1024 * 1024 + 128 * 1024;
+/// Runs of held ranges listed in one have-answer; a peer holding a more fragmented
+/// blob lists its first runs.
+pub const HAVE_RUNS_MAX: usize = 1024;
+/// Peers banned at once; the oldest ban is lifted early when more are added.
+pub const BANNED_PEERS_MAX: usize = 1024;
 /// Rpc requests and responses carry release lists and small queries.
 pub const RPC_BYTES_MAX: usize = 1024 * 1024;
 /// A request the node has not answered by then is answered `Busy`.
@@ -80,20 +86,23 @@ impl Default for SwarmConfig {
     }
 }
 
-/// A request for part of a blob.
+/// A request about one blob. The transport carries these; what a "group" is and how
+/// the answer is verified is decided by the node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RangeRequest {
-    pub id: ContentId,
-    pub offset: u64,
-    pub len: u32,
+pub enum BlobRequest {
+    /// Chunk groups `start..end` of blob `id`, encoded with their proof.
+    Groups { id: ContentId, start: u64, end: u64 },
+    /// Which groups of `id` the peer holds.
+    Have { id: ContentId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RangeResponse {
-    /// `bytes` starts at the requested offset; `total` is the blob's size.
-    Data {
-        total: u64,
-        bytes: Vec<u8>,
+pub enum BlobResponse {
+    Encoded(Vec<u8>),
+    /// The blob's size and the runs of groups held (`start..end`).
+    Have {
+        size: u64,
+        ranges: Vec<(u64, u64)>,
     },
     NotFound,
     /// The server is at its limit; ask again later or elsewhere.
@@ -131,10 +140,10 @@ pub enum NetEvent {
         topic: String,
         data: Vec<u8>,
     },
-    RangeRequested {
+    BlobRequested {
         peer: PeerId,
-        request: RangeRequest,
-        reply: Responder<RangeResponse>,
+        request: BlobRequest,
+        reply: Responder<BlobResponse>,
     },
     RpcRequested {
         peer: PeerId,
@@ -193,10 +202,15 @@ enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), PublishError>>,
     },
-    Range {
+    Blob {
         peer: PeerId,
-        request: RangeRequest,
-        reply: oneshot::Sender<Result<RangeResponse, RequestError>>,
+        request: BlobRequest,
+        reply: oneshot::Sender<Result<BlobResponse, RequestError>>,
+    },
+    Penalize {
+        peer: PeerId,
+        ban: Duration,
+        reason: String,
     },
     Rpc {
         peer: PeerId,
@@ -236,13 +250,22 @@ impl SwarmHandle {
         rx.await.map_err(|_| PublishError::Stopped)?
     }
 
-    pub async fn request_range(
+    /// Disconnects a peer that misbehaved (sent data that failed verification) and
+    /// refuses it for `ban`; gossipsub stops relaying its messages too.
+    pub async fn penalize(&self, peer: PeerId, ban: Duration, reason: String) {
+        let _ = self
+            .commands
+            .send(Command::Penalize { peer, ban, reason })
+            .await;
+    }
+
+    pub async fn request_blob(
         &self,
         peer: PeerId,
-        request: RangeRequest,
-    ) -> Result<RangeResponse, RequestError> {
+        request: BlobRequest,
+    ) -> Result<BlobResponse, RequestError> {
         let (tx, rx) = oneshot::channel();
-        let cmd = Command::Range {
+        let cmd = Command::Blob {
             peer,
             request,
             reply: tx,
@@ -281,7 +304,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     ping: ping::Behaviour,
-    blob: request_response::Behaviour<FrameCodec<RangeRequest, RangeResponse>>,
+    blob: request_response::Behaviour<FrameCodec<BlobRequest, BlobResponse>>,
     rpc: request_response::Behaviour<FrameCodec<Vec<u8>, Vec<u8>>>,
 }
 
@@ -361,7 +384,8 @@ pub async fn spawn(
         commands: cmd_rx,
         events: ev_tx,
         redial,
-        pending_ranges: HashMap::new(),
+        pending_blobs: HashMap::new(),
+        banned: HashMap::new(),
         pending_rpcs: HashMap::new(),
         inbound: FuturesUnordered::new(),
         kad_bootstrapped: false,
@@ -409,7 +433,7 @@ fn build_behaviour(
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(STREAMS_PER_CONNECTION_MAX);
     let blob = request_response::Behaviour::with_codec(
-        FrameCodec::new(1024, RANGE_BYTES_MAX as usize + 1024),
+        FrameCodec::new(1024, BLOB_RESPONSE_BYTES_MAX),
         [(StreamProtocol::new(BLOB_PROTOCOL), ProtocolSupport::Full)],
         rr_cfg.clone(),
     );
@@ -431,12 +455,12 @@ fn build_behaviour(
 type InboundReply = (Option<InboundAnswer>, InboundChannel);
 
 enum InboundAnswer {
-    Range(RangeResponse),
+    Blob(BlobResponse),
     Rpc(Vec<u8>),
 }
 
 enum InboundChannel {
-    Range(ResponseChannel<RangeResponse>),
+    Blob(ResponseChannel<BlobResponse>),
     Rpc(ResponseChannel<Vec<u8>>),
 }
 
@@ -445,8 +469,8 @@ struct Driver {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     redial: Redial,
-    pending_ranges:
-        HashMap<OutboundRequestId, oneshot::Sender<Result<RangeResponse, RequestError>>>,
+    pending_blobs: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, RequestError>>>,
+    banned: HashMap<PeerId, Instant>,
     pending_rpcs: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RequestError>>>,
     inbound: FuturesUnordered<BoxFuture<'static, InboundReply>>,
     kad_bootstrapped: bool,
@@ -473,8 +497,31 @@ impl Driver {
         tracing::debug!("swarm driver stopped");
     }
 
+    fn unban(&mut self, peer: PeerId) {
+        self.banned.remove(&peer);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .remove_blacklisted_peer(&peer);
+    }
+
+    fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned.contains_key(peer)
+    }
+
     fn on_tick(&mut self) {
-        for addr in self.redial.poll_due(Instant::now()) {
+        let now = Instant::now();
+        let expired: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            tracing::info!(%p, "ban lifted");
+            self.unban(p);
+        }
+        for addr in self.redial.poll_due(now) {
             tracing::debug!(%addr, "dialing");
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 tracing::debug!(%addr, error = %e, "dial refused");
@@ -507,13 +554,26 @@ impl Driver {
                     });
                 let _ = reply.send(result);
             }
-            Command::Range {
+            Command::Blob {
                 peer,
                 request,
                 reply,
             } => {
                 let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
-                self.pending_ranges.insert(id, reply);
+                self.pending_blobs.insert(id, reply);
+            }
+            Command::Penalize { peer, ban, reason } => {
+                tracing::warn!(%peer, ?ban, "penalizing peer: {reason}");
+                if self.banned.len() >= BANNED_PEERS_MAX {
+                    if let Some(oldest) =
+                        self.banned.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)
+                    {
+                        self.unban(oldest);
+                    }
+                }
+                self.banned.insert(peer, Instant::now() + ban);
+                self.swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
             }
             Command::Rpc {
                 peer,
@@ -541,15 +601,15 @@ impl Driver {
     fn answer(&mut self, answer: Option<InboundAnswer>, channel: InboundChannel) {
         // A failed send means the peer has gone or timed out; nothing more to do.
         match (answer, channel) {
-            (Some(InboundAnswer::Range(r)), InboundChannel::Range(ch)) => {
+            (Some(InboundAnswer::Blob(r)), InboundChannel::Blob(ch)) => {
                 let _ = self.swarm.behaviour_mut().blob.send_response(ch, r);
             }
-            (None, InboundChannel::Range(ch)) => {
+            (None, InboundChannel::Blob(ch)) => {
                 let _ = self
                     .swarm
                     .behaviour_mut()
                     .blob
-                    .send_response(ch, RangeResponse::Busy);
+                    .send_response(ch, BlobResponse::Busy);
             }
             (Some(InboundAnswer::Rpc(r)), InboundChannel::Rpc(ch)) => {
                 let _ = self.swarm.behaviour_mut().rpc.send_response(ch, r);
@@ -574,6 +634,11 @@ impl Driver {
                 ..
             } => {
                 let addr = endpoint.get_remote_address().clone();
+                if self.is_banned(&peer_id) {
+                    tracing::debug!(peer = %peer_id, "refusing a banned peer");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 self.redial.on_connected(peer_id, &addr, now);
                 if endpoint.is_dialer() {
                     self.swarm
@@ -672,46 +737,33 @@ impl Driver {
         }
     }
 
-    fn on_blob_event(&mut self, ev: request_response::Event<RangeRequest, RangeResponse>) {
-        let Some((peer, request, channel)) = split_event(ev, &mut self.pending_ranges) else {
+    fn on_blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobResponse>) {
+        let Some((peer, request, channel)) = split_event(ev, &mut self.pending_blobs) else {
             return;
         };
-        let refusal = if request.len > RANGE_BYTES_MAX {
-            Some(RangeResponse::Invalid(format!(
-                "range of {} bytes is over the limit of {RANGE_BYTES_MAX}",
-                request.len
-            )))
-        } else if !self.admit_inbound() {
-            Some(RangeResponse::Busy)
-        } else {
-            None
-        };
-        if let Some(refusal) = refusal {
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .blob
-                .send_response(channel, refusal);
-            return;
-        }
         let (tx, rx) = oneshot::channel();
-        let ev = NetEvent::RangeRequested {
-            peer,
-            request,
-            reply: Responder(tx),
-        };
-        if self.events.try_send(ev).is_err() {
+        let admitted = !self.is_banned(&peer)
+            && self.admit_inbound()
+            && self
+                .events
+                .try_send(NetEvent::BlobRequested {
+                    peer,
+                    request,
+                    reply: Responder(tx),
+                })
+                .is_ok();
+        if !admitted {
             let _ = self
                 .swarm
                 .behaviour_mut()
                 .blob
-                .send_response(channel, RangeResponse::Busy);
+                .send_response(channel, BlobResponse::Busy);
             return;
         }
         self.inbound.push(wait_answer(
             rx,
-            InboundAnswer::Range,
-            InboundChannel::Range(channel),
+            InboundAnswer::Blob,
+            InboundChannel::Blob(channel),
         ));
     }
 
@@ -985,18 +1037,18 @@ mod tests {
             _ => unreachable!(),
         }
 
-        // A range request answered by the node layer.
+        // A blob request answered by the node layer.
         let peer_a = ha.local_peer();
         let id = ContentId::of(b"blob");
         let req = tokio::spawn({
             let hb = hb.clone();
             async move {
-                hb.request_range(
+                hb.request_blob(
                     peer_a,
-                    RangeRequest {
+                    BlobRequest::Groups {
                         id,
-                        offset: 1,
-                        len: 2,
+                        start: 1,
+                        end: 2,
                     },
                 )
                 .await
@@ -1004,39 +1056,23 @@ mod tests {
         });
         loop {
             match ea.recv().await.unwrap() {
-                NetEvent::RangeRequested { request, reply, .. } => {
-                    assert_eq!(request.offset, 1);
-                    reply.send(RangeResponse::Data {
-                        total: 4,
-                        bytes: b"lo".to_vec(),
-                    });
+                NetEvent::BlobRequested { request, reply, .. } => {
+                    assert_eq!(
+                        request,
+                        BlobRequest::Groups {
+                            id,
+                            start: 1,
+                            end: 2
+                        }
+                    );
+                    reply.send(BlobResponse::Encoded(b"lo".to_vec()));
                     break;
                 }
                 _ => continue,
             }
         }
         let resp = req.await.unwrap().unwrap();
-        assert_eq!(
-            resp,
-            RangeResponse::Data {
-                total: 4,
-                bytes: b"lo".to_vec()
-            }
-        );
-
-        // An oversized range is refused by the server without asking the node.
-        let resp = hb
-            .request_range(
-                peer_a,
-                RangeRequest {
-                    id,
-                    offset: 0,
-                    len: RANGE_BYTES_MAX + 1,
-                },
-            )
-            .await
-            .unwrap();
-        assert!(matches!(resp, RangeResponse::Invalid(_)));
+        assert_eq!(resp, BlobResponse::Encoded(b"lo".to_vec()));
 
         // Rpc round trip.
         let rpc = tokio::spawn({
@@ -1056,5 +1092,15 @@ mod tests {
         assert_eq!(rpc.await.unwrap().unwrap(), b"pong");
         let info = hb.info().await.unwrap();
         assert_eq!(info.connected, vec![peer_a.to_string()]);
+
+        // A penalized peer is disconnected, and its redials are refused while banned.
+        hb.penalize(peer_a, Duration::from_secs(60), "test".into())
+            .await;
+        wait_for(&mut eb, |e| matches!(e, NetEvent::PeerDisconnected { .. })).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            hb.info().await.unwrap().connected.is_empty(),
+            "banned peer reconnected"
+        );
     }
 }

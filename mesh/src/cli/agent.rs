@@ -41,6 +41,15 @@ pub struct AgentArgs {
     /// An operator public key allowed to attach (hex); repeatable.
     #[arg(long)]
     operator: Vec<PublicKey>,
+    /// Cap on the bytes of blobs this node stores.
+    #[arg(long)]
+    store_bytes_max: Option<u64>,
+    /// Upload cap when serving peers, bytes per second.
+    #[arg(long)]
+    upload_bytes_per_s: Option<u64>,
+    /// Download cap when fetching from peers, bytes per second.
+    #[arg(long)]
+    download_bytes_per_s: Option<u64>,
 }
 
 pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
@@ -56,6 +65,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         release_keys: args.release_key.clone(),
         threshold: args.threshold,
         operators: args.operator.clone(),
+        store_bytes_max: args.store_bytes_max,
+        upload_bytes_per_s: args.upload_bytes_per_s,
+        download_bytes_per_s: args.download_bytes_per_s,
     };
     let config = NodeConfig::resolve(&flags).context("resolving the node configuration")?;
     if config.policy.release_keys.is_empty() {
@@ -91,8 +103,11 @@ fn init_logging() {
             "info,libp2p=warn,libp2p_gossipsub=error,quinn=warn,wasmtime=warn,cranelift=warn,ractor=warn",
         )
     });
+    // Colour only on a terminal: logs that go to files or journals stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

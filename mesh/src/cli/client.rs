@@ -7,6 +7,9 @@ use mesh_transport::{wire, SecretKey};
 use super::Cli;
 use crate::proto::{Request, Response, RESPONSE_BYTES_MAX};
 
+/// Content is sent in pieces of this size so progress can be shown.
+const UPLOAD_PIECE_BYTES: usize = 256 * 1024;
+
 /// An attached CLI session.
 pub struct Session {
     client: AdminClient,
@@ -48,6 +51,16 @@ impl Session {
 
     /// Sends one request followed by raw body bytes (a publish's content).
     pub async fn request_with_body(&self, req: &Request, body: &[u8]) -> anyhow::Result<Response> {
+        self.request_with_progress(req, body, |_| {}).await
+    }
+
+    /// Like [`Session::request_with_body`], reporting the bytes sent as they go.
+    pub async fn request_with_progress(
+        &self,
+        req: &Request,
+        body: &[u8],
+        mut sent: impl FnMut(u64),
+    ) -> anyhow::Result<Response> {
         let (mut send, mut recv) = self
             .client
             .open_stream()
@@ -56,8 +69,21 @@ impl Session {
         wire::write_frame(&mut send, req)
             .await
             .context("sending the request")?;
-        if !body.is_empty() {
-            send.write_all(body).await.context("sending the content")?;
+        let mut done = 0u64;
+        for piece in body.chunks(UPLOAD_PIECE_BYTES) {
+            if let Err(e) = send.write_all(piece).await {
+                // The node stops reading when it refuses a request early (a full store,
+                // an untrusted signer); its answer says why, so read it before
+                // reporting the broken upload.
+                if let Ok(Response::Error(reason)) =
+                    wire::read_frame::<_, Response>(&mut recv, RESPONSE_BYTES_MAX).await
+                {
+                    bail!("{reason}");
+                }
+                return Err(e).context("sending the content");
+            }
+            done += piece.len() as u64;
+            sent(done);
         }
         send.finish().context("finishing the request")?;
         let response: Response = wire::read_frame(&mut recv, RESPONSE_BYTES_MAX)

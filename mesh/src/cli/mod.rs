@@ -6,14 +6,18 @@ use clap::{Parser, Subcommand};
 use mesh_transport::PublicKey;
 
 mod agent;
+mod blob;
 pub mod client;
 mod demo;
+mod fetch;
 mod keygen;
 mod logs;
 mod modules;
 mod peers;
+mod progress;
 pub mod publish;
 mod status;
+mod transfers;
 
 /// A runtime for fleets of edge devices: signed WASM modules spread peer to peer and run
 /// under supervision.
@@ -57,6 +61,12 @@ pub enum Command {
     Publish(publish::PublishArgs),
     /// Show recent log lines of the modules on the attached node.
     Logs(logs::LogsArgs),
+    /// Show downloads in progress on the attached node.
+    Transfers(transfers::TransfersArgs),
+    /// Have the attached node fetch a blob by hash from its peers.
+    Fetch(fetch::FetchArgs),
+    /// Show whether the attached node holds a blob.
+    Blob(blob::BlobArgs),
     /// Start a local mesh of three nodes and publish an example module to it.
     Demo(demo::DemoArgs),
 }
@@ -71,6 +81,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Modules(args) => modules::run(&cli, args).await,
         Command::Publish(args) => publish::run(&cli, args).await,
         Command::Logs(args) => logs::run(&cli, args).await,
+        Command::Transfers(args) => transfers::run(&cli, args).await,
+        Command::Fetch(args) => fetch::run(&cli, args).await,
+        Command::Blob(args) => blob::run(&cli, args).await,
         Command::Demo(args) => demo::run(&cli, args).await,
     }
 }

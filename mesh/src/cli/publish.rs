@@ -11,8 +11,11 @@ use super::client::Session;
 use super::Cli;
 use crate::proto::{PublishInfo, Request, Response};
 
-/// Module files read whole into memory for signing; the node's limit is lower still.
-pub const PUBLISH_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Uploads smaller than this finish too fast for a progress display to help.
+const PROGRESS_BYTES_MIN: usize = 1024 * 1024;
+
+/// Files are read whole into memory to hash and sign; the node enforces its own per-kind limit.
+pub const PUBLISH_FILE_BYTES_MAX: u64 = 512 * 1024 * 1024;
 
 #[derive(Args, Debug)]
 pub struct PublishArgs {
@@ -24,6 +27,8 @@ pub struct PublishArgs {
 enum PublishWhat {
     /// A WASM module (binary .wasm or WAT text).
     Module(ReleaseArgs),
+    /// A data blob that nodes fetch, keep and serve (a model, a configuration bundle).
+    Data(ReleaseArgs),
 }
 
 #[derive(Args, Debug)]
@@ -45,7 +50,10 @@ struct ReleaseArgs {
 }
 
 pub async fn run(cli: &Cli, args: &PublishArgs) -> anyhow::Result<()> {
-    let PublishWhat::Module(r) = &args.what;
+    let (kind, r) = match &args.what {
+        PublishWhat::Module(r) => (ReleaseKind::Module, r),
+        PublishWhat::Data(r) => (ReleaseKind::Data, r),
+    };
     let bytes = read_file(&r.file)?;
     let key_paths = if r.release_keys.is_empty() {
         vec![cli
@@ -60,18 +68,29 @@ pub async fn run(cli: &Cli, args: &PublishArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| SecretKey::load(p).with_context(|| format!("loading release key {}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let signed = sign_release(
-        ReleaseKind::Module,
-        &r.name,
-        r.version,
-        &bytes,
-        &keys,
-        r.expires_in,
-    )?;
+    let signed = sign_release(kind, &r.name, r.version, &bytes, &keys, r.expires_in)?;
     let session = Session::attach(cli).await?;
-    let info = upload(&session, &signed, &bytes)
+    let mut progress = (!cli.json && bytes.len() >= PROGRESS_BYTES_MIN).then(|| {
+        super::progress::Progress::new(&format!("uploading {}", r.name), bytes.len() as u64)
+    });
+    let total = bytes.len() as u64;
+    let req = Request::Publish {
+        manifest: signed.encode(),
+    };
+    let response = session
+        .request_with_progress(&req, &bytes, |done| {
+            if let Some(p) = progress.as_mut() {
+                p.update(done, total, None, None);
+            }
+        })
         .await
         .with_context(|| format!("publishing {} v{}", r.name, r.version))?;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    let Response::Published(info) = response else {
+        bail!("publishing {} v{}: unexpected response", r.name, r.version);
+    };
     session.close().await;
     if cli.json {
         return super::print_json(&info);
@@ -113,6 +132,8 @@ pub fn sign_release(
         size: bytes.len() as u64,
         created_unix: now,
         expires_unix: expires_in.map(|s| now + s),
+        quotas: Default::default(),
+        deltas: Vec::new(),
     };
     manifest
         .check_shape()

@@ -1,0 +1,600 @@
+//! Downloads: one blob from several peers at once, verified group by group, resumable,
+//! rate-limited; and the registry of downloads and providers that serving, progress and
+//! discovery share.
+//!
+//! [`crate::schedule::Schedule`] decides; [`download`] carries it out: it asks peers
+//! what they hold, sends the requests the schedule returns, verifies and writes each
+//! response into a [`PartialBlob`], checkpoints, announces what it holds so others can
+//! fetch from it meanwhile, and hands the finished blob to the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use mesh_transport::libp2p::PeerId;
+use mesh_transport::swarm::{BlobRequest, BlobResponse, SwarmHandle};
+use mesh_transport::{wire, ContentId};
+use serde::{Deserialize, Serialize};
+
+use crate::bucket::TokenBucket;
+use crate::peers::short_peer;
+use crate::schedule::{Failure, Schedule};
+use crate::store::ContentStore;
+use crate::verified::{groups_of, PartialBlob, GROUP_BYTES};
+
+/// The gossipsub topic of have-announcements (which ranges of which blob a node holds).
+pub const HAVE_TOPIC: &str = "mesh/have/1";
+/// A have-announcement lists at most this many runs.
+pub const HAVE_RUNS_MAX: usize = 256;
+/// A have-announcement is small: an id, a size and a few runs.
+pub const HAVE_BYTES_MAX: usize = 8 * 1024;
+/// Blobs whose providers are remembered; the least recently announced are forgotten.
+pub const PROVIDER_BLOBS_MAX: usize = 1024;
+/// Providers remembered per blob.
+pub const PROVIDERS_PER_BLOB_MAX: usize = 64;
+/// How often a download asks its peers again what they hold, and announces its own.
+pub const HAVE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a download gossips what it holds; shorter than the query interval, since
+/// peers choose what to ask the source for from these.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a download's progress is made durable.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// A download with no usable source for this long gives up (and is retried later by
+/// its caller; what it holds stays for the next attempt).
+pub const STALL_MAX: Duration = Duration::from_secs(20);
+/// Peers a download queries for what they hold, per round.
+pub const HAVE_QUERIES_MAX: usize = 16;
+/// A peer that sent data failing verification is refused this long.
+pub const LIAR_BAN: Duration = Duration::from_secs(600);
+
+/// "I hold these groups of this blob", gossiped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveAnnouncement {
+    pub id: ContentId,
+    pub size: u64,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl HaveAnnouncement {
+    pub fn encode(&self) -> Vec<u8> {
+        wire::encode(self).expect("encoding a have-announcement cannot fail")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<HaveAnnouncement, wire::WireError> {
+        let mut h: HaveAnnouncement = wire::decode(bytes, HAVE_BYTES_MAX)?;
+        h.ranges.truncate(HAVE_RUNS_MAX);
+        Ok(h)
+    }
+
+    pub fn complete(id: ContentId, size: u64) -> HaveAnnouncement {
+        HaveAnnouncement {
+            id,
+            size,
+            ranges: vec![(0, groups_of(size))],
+        }
+    }
+}
+
+/// One row of `mesh transfers`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransferInfo {
+    pub id: ContentId,
+    pub label: String,
+    pub size: u64,
+    pub have_bytes: u64,
+    pub bytes_per_s: f64,
+    pub peers: usize,
+    pub elapsed_ms: u64,
+    pub eta_ms: Option<u64>,
+}
+
+struct Active {
+    partial: Arc<Mutex<PartialBlob>>,
+    label: String,
+    started: Instant,
+    /// Bytes received this run, for the rate (resumed bytes do not count).
+    received: u64,
+    peers: usize,
+}
+
+/// What one provider announced for one blob: size, runs held, and when.
+type Announced = (u64, Vec<(u64, u64)>, Instant);
+
+#[derive(Default)]
+struct Inner {
+    active: HashMap<ContentId, Active>,
+    /// id -> (peer -> (size, runs, when announced))
+    providers: HashMap<ContentId, HashMap<PeerId, Announced>>,
+}
+
+/// Downloads in progress and who has what; shared by the downloads, the store actor
+/// (to serve partial blobs) and the admin endpoint (progress).
+#[derive(Clone, Default)]
+pub struct Transfers(Arc<Mutex<Inner>>);
+
+impl Transfers {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a peer's have-announcement.
+    pub fn on_have(&self, peer: PeerId, have: HaveAnnouncement, now: Instant) {
+        let mut inner = self.lock();
+        if !inner.providers.contains_key(&have.id) && inner.providers.len() >= PROVIDER_BLOBS_MAX {
+            let oldest = inner
+                .providers
+                .iter()
+                .map(|(id, m)| (*id, m.values().map(|v| v.2).max()))
+                .min_by_key(|(_, t)| *t)
+                .map(|(id, _)| id);
+            if let Some(id) = oldest {
+                inner.providers.remove(&id);
+            }
+        }
+        let per = inner.providers.entry(have.id).or_default();
+        if !per.contains_key(&peer) && per.len() >= PROVIDERS_PER_BLOB_MAX {
+            return;
+        }
+        per.insert(peer, (have.size, have.ranges, now));
+    }
+
+    /// Forgets a peer that went away, so downloads stop counting on it.
+    pub fn forget_peer(&self, peer: &PeerId) {
+        for per in self.lock().providers.values_mut() {
+            per.remove(peer);
+        }
+    }
+
+    /// Peers known to hold (part of) a blob, with their runs.
+    pub fn providers(&self, id: &ContentId) -> Vec<(PeerId, Vec<(u64, u64)>)> {
+        self.lock()
+            .providers
+            .get(id)
+            .map(|m| m.iter().map(|(p, (_, r, _))| (*p, r.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The size a peer announced for a blob.
+    pub fn announced_size(&self, id: &ContentId, peer: &PeerId) -> Option<u64> {
+        self.lock().providers.get(id)?.get(peer).map(|(s, _, _)| *s)
+    }
+
+    /// The partial download of `id`, if one is running, to serve from.
+    pub fn partial(&self, id: &ContentId) -> Option<Arc<Mutex<PartialBlob>>> {
+        self.lock().active.get(id).map(|a| a.partial.clone())
+    }
+
+    /// Bytes that running downloads will still add to the store.
+    pub fn reserved(&self) -> u64 {
+        self.lock()
+            .active
+            .values()
+            .map(|a| {
+                let p = a.partial.lock().unwrap_or_else(|e| e.into_inner());
+                p.size() - p.have_bytes()
+            })
+            .sum()
+    }
+
+    pub fn list(&self, now: Instant) -> Vec<TransferInfo> {
+        let inner = self.lock();
+        let mut out: Vec<TransferInfo> = inner
+            .active
+            .iter()
+            .map(|(id, a)| {
+                let p = a.partial.lock().unwrap_or_else(|e| e.into_inner());
+                let elapsed = now.duration_since(a.started);
+                let rate = a.received as f64 / elapsed.as_secs_f64().max(0.001);
+                let left = p.size() - p.have_bytes();
+                TransferInfo {
+                    id: *id,
+                    label: a.label.clone(),
+                    size: p.size(),
+                    have_bytes: p.have_bytes(),
+                    bytes_per_s: rate,
+                    peers: a.peers,
+                    elapsed_ms: elapsed.as_millis() as u64,
+                    eta_ms: (rate > 0.0).then(|| (left as f64 / rate * 1000.0) as u64),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.label.cmp(&b.label));
+        out
+    }
+}
+
+/// What a download needs from the node.
+#[derive(Clone)]
+pub struct FetchCtx {
+    pub swarm: SwarmHandle,
+    pub store: Arc<ContentStore>,
+    pub transfers: Transfers,
+    /// The node's download cap, shared by all downloads; `None` is unlimited.
+    pub download_limit: Option<Arc<Mutex<TokenBucket>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("fetching {id}: {source}")]
+    Store {
+        id: ContentId,
+        source: crate::store::PutError,
+    },
+    #[error("fetching {id}: {source}")]
+    Partial {
+        id: ContentId,
+        source: crate::verified::VerifiedError,
+    },
+    #[error(
+        "fetching {id}: no peer has what is missing ({have} of {groups} groups held); will retry"
+    )]
+    NoSource {
+        id: ContentId,
+        have: u64,
+        groups: u64,
+    },
+    #[error("fetching {id}: another download of it is running")]
+    Busy { id: ContentId },
+}
+
+/// How a finished download went.
+#[derive(Debug)]
+pub struct FetchReport {
+    pub id: ContentId,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Peers that delivered groups, most first.
+    pub contributors: Vec<(PeerId, u64)>,
+    pub requests: u64,
+}
+
+enum Outcome {
+    Groups {
+        peer: PeerId,
+        start: u64,
+        end: u64,
+        result: Result<BlobResponse, String>,
+    },
+    Have {
+        peer: PeerId,
+        result: Result<BlobResponse, String>,
+    },
+}
+
+/// Downloads blob `id` of `size` bytes. `hint` peers (the announcer) are asked first;
+/// connected peers and announced providers join as they are learned.
+pub async fn download(
+    ctx: &FetchCtx,
+    id: ContentId,
+    size: u64,
+    label: &str,
+    hint: &[PeerId],
+) -> Result<FetchReport, FetchError> {
+    if ctx.store.has(&id) {
+        return Ok(FetchReport {
+            id,
+            bytes: 0,
+            elapsed: Duration::ZERO,
+            contributors: Vec::new(),
+            requests: 0,
+        });
+    }
+    let started = Instant::now();
+    let partial = open_partial(ctx, id, size).await?;
+    let registered = {
+        let mut inner = ctx.transfers.lock();
+        match inner.active.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Active {
+                    partial: partial.clone(),
+                    label: label.to_string(),
+                    started,
+                    received: 0,
+                    peers: 0,
+                });
+                true
+            }
+        }
+    };
+    if !registered {
+        return Err(FetchError::Busy { id });
+    }
+    let result = run(ctx, id, size, hint, &partial, started).await;
+    // Whatever happened, what was received is kept for the next attempt.
+    if result.is_err() {
+        let p = partial.clone();
+        let _ = tokio::task::spawn_blocking(move || lock(&p).checkpoint()).await;
+    }
+    ctx.transfers.lock().active.remove(&id);
+    result
+}
+
+fn lock(p: &Arc<Mutex<PartialBlob>>) -> MutexGuard<'_, PartialBlob> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn open_partial(
+    ctx: &FetchCtx,
+    id: ContentId,
+    size: u64,
+) -> Result<Arc<Mutex<PartialBlob>>, FetchError> {
+    let store = ctx.store.clone();
+    let reserved = ctx.transfers.reserved();
+    let opened = tokio::task::spawn_blocking(move || {
+        let p = PartialBlob::open(store.downloads_dir(), id, size)
+            .map_err(|source| FetchError::Partial { id, source })?;
+        store
+            .check_room(&id, size - p.have_bytes(), reserved)
+            .map_err(|source| FetchError::Store { id, source })?;
+        Ok::<_, FetchError>(p)
+    })
+    .await
+    .map_err(|e| FetchError::Partial {
+        id,
+        source: crate::verified::VerifiedError::Io {
+            action: "opening a download".into(),
+            source: std::io::Error::other(e.to_string()),
+        },
+    })??;
+    if opened.have_groups() > 0 {
+        tracing::info!(content = %id.short(), have = opened.have_bytes(), size, "resuming download");
+    }
+    Ok(Arc::new(Mutex::new(opened)))
+}
+
+async fn run(
+    ctx: &FetchCtx,
+    id: ContentId,
+    size: u64,
+    hint: &[PeerId],
+    partial: &Arc<Mutex<PartialBlob>>,
+    started: Instant,
+) -> Result<FetchReport, FetchError> {
+    let groups = groups_of(size);
+    let mut schedule = {
+        let p = lock(partial);
+        // Start where this node's id and the blob's id point, so nodes spread out.
+        let mut h = blake3::Hasher::new();
+        h.update(&ctx.swarm.local_peer().to_bytes());
+        h.update(&id.0);
+        let origin = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        Schedule::new(groups, |g| p.has_group(g), origin)
+    };
+    let mut pending: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> =
+        FuturesUnordered::new();
+    let mut asked_have: HashMap<PeerId, Instant> = HashMap::new();
+    let mut last_checkpoint = Instant::now();
+    let mut last_announce = Instant::now() - ANNOUNCE_INTERVAL;
+    let mut last_progress = Instant::now();
+    let mut announced_have = u64::MAX;
+    let mut connected: Vec<PeerId> = Vec::new();
+    let mut last_connected_at = Instant::now() - HAVE_INTERVAL;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    while !schedule.is_complete() {
+        let now = Instant::now();
+        // Learn sources: announced providers right away, and ask peers (the hint first)
+        // what they hold, again every HAVE_INTERVAL for those that may hold more.
+        for (peer, ranges) in ctx.transfers.providers(&id) {
+            if !schedule.is_banned(&peer) {
+                let complete = ranges == [(0, groups)];
+                schedule.set_peer(peer, if complete { None } else { Some(ranges) }, now);
+            }
+        }
+        let mut candidates: Vec<PeerId> = hint.to_vec();
+        if now.duration_since(last_connected_at) >= HAVE_INTERVAL {
+            last_connected_at = now;
+            connected = connected_peers(&ctx.swarm).await;
+        }
+        candidates.extend(connected.iter().copied());
+        let mut queried = 0;
+        for peer in candidates {
+            if queried >= HAVE_QUERIES_MAX || schedule.is_banned(&peer) {
+                continue;
+            }
+            let due = asked_have
+                .get(&peer)
+                .is_none_or(|t| now.duration_since(*t) >= HAVE_INTERVAL);
+            if !due {
+                continue;
+            }
+            asked_have.insert(peer, now);
+            queried += 1;
+            let swarm = ctx.swarm.clone();
+            pending.push(Box::pin(async move {
+                let result = swarm
+                    .request_blob(peer, BlobRequest::Have { id })
+                    .await
+                    .map_err(|e| e.to_string());
+                Outcome::Have { peer, result }
+            }));
+        }
+
+        for req in schedule.poll(now) {
+            if let Some(limit) = &ctx.download_limit {
+                let bytes = (req.end - req.start) * GROUP_BYTES;
+                let wait = limit
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(bytes, Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            let swarm = ctx.swarm.clone();
+            pending.push(Box::pin(async move {
+                let result = swarm
+                    .request_blob(
+                        req.peer,
+                        BlobRequest::Groups {
+                            id,
+                            start: req.start,
+                            end: req.end,
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string());
+                Outcome::Groups {
+                    peer: req.peer,
+                    start: req.start,
+                    end: req.end,
+                    result,
+                }
+            }));
+        }
+
+        tokio::select! {
+            Some(outcome) = pending.next(), if !pending.is_empty() => {
+                handle(ctx, id, groups, partial, &mut schedule, outcome).await;
+            }
+            _ = tick.tick() => {}
+        }
+
+        let now = Instant::now();
+        if schedule.has_source() || !pending.is_empty() {
+            last_progress = now;
+        } else if now.duration_since(last_progress) > STALL_MAX {
+            return Err(FetchError::NoSource {
+                id,
+                have: schedule.have_count(),
+                groups,
+            });
+        }
+        if now.duration_since(last_checkpoint) >= CHECKPOINT_INTERVAL {
+            last_checkpoint = now;
+            let p = partial.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || lock(&p).checkpoint()).await {
+                tracing::warn!(content = %id.short(), "checkpointing a download: {e}");
+            }
+        }
+        if now.duration_since(last_announce) >= ANNOUNCE_INTERVAL
+            && schedule.have_count() != announced_have
+        {
+            last_announce = now;
+            announced_have = schedule.have_count();
+            let ranges: Vec<(u64, u64)> = lock(partial)
+                .ranges()
+                .into_iter()
+                .take(HAVE_RUNS_MAX)
+                .collect();
+            let have = HaveAnnouncement { id, size, ranges };
+            // Nobody subscribed yet is fine; peers also ask directly.
+            let _ = ctx.swarm.publish(HAVE_TOPIC, have.encode()).await;
+        }
+        if let Some(a) = ctx.transfers.lock().active.get_mut(&id) {
+            a.peers = schedule.active_peers();
+        }
+    }
+
+    let p = partial.clone();
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut blob = lock(&p);
+        let (data, outboard) = blob
+            .finish()
+            .map_err(|source| FetchError::Partial { id, source })?;
+        store
+            .adopt(&id, &data, size, &outboard)
+            .map_err(|source| FetchError::Store { id, source })?;
+        PartialBlob::remove(store.downloads_dir(), &id);
+        Ok::<_, FetchError>(())
+    })
+    .await
+    .map_err(|e| FetchError::Partial {
+        id,
+        source: crate::verified::VerifiedError::Io {
+            action: "finishing a download".into(),
+            source: std::io::Error::other(e.to_string()),
+        },
+    })??;
+    let _ = ctx
+        .swarm
+        .publish(HAVE_TOPIC, HaveAnnouncement::complete(id, size).encode())
+        .await;
+    Ok(FetchReport {
+        id,
+        bytes: size,
+        elapsed: started.elapsed(),
+        contributors: schedule.contributors(),
+        requests: schedule.requests_sent(),
+    })
+}
+
+async fn connected_peers(swarm: &SwarmHandle) -> Vec<PeerId> {
+    swarm
+        .info()
+        .await
+        .map(|i| i.connected.iter().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+async fn handle(
+    ctx: &FetchCtx,
+    id: ContentId,
+    groups: u64,
+    partial: &Arc<Mutex<PartialBlob>>,
+    schedule: &mut Schedule,
+    outcome: Outcome,
+) {
+    let now = Instant::now();
+    match outcome {
+        Outcome::Have { peer, result } => {
+            if let Ok(BlobResponse::Have { ranges, .. }) = result {
+                let complete = ranges == [(0, groups)];
+                schedule.set_peer(peer, if complete { None } else { Some(ranges) }, now);
+            }
+        }
+        Outcome::Groups {
+            peer,
+            start,
+            end,
+            result,
+        } => match result {
+            Ok(BlobResponse::Encoded(bytes)) => {
+                let p = partial.clone();
+                let received =
+                    tokio::task::spawn_blocking(move || lock(&p).receive(start, end, &bytes)).await;
+                let Ok(received) = received else {
+                    schedule.on_failure(peer, start, Failure::Lost, now);
+                    return;
+                };
+                let fresh = received.groups.len() as u64 * GROUP_BYTES;
+                if let Some(a) = ctx.transfers.lock().active.get_mut(&id) {
+                    a.received += fresh;
+                }
+                schedule.on_response(
+                    peer,
+                    start,
+                    &received.groups,
+                    received.bad.is_some(),
+                    Instant::now(),
+                );
+                if let Some(why) = received.bad {
+                    tracing::warn!(peer = %short_peer(&peer), content = %id.short(), "peer sent data that failed verification: {why}");
+                    ctx.transfers.forget_peer(&peer);
+                    ctx.swarm
+                        .penalize(
+                            peer,
+                            LIAR_BAN,
+                            format!("sent groups of {} that failed verification", id.short()),
+                        )
+                        .await;
+                }
+            }
+            Ok(BlobResponse::NotFound) | Ok(BlobResponse::Busy) | Ok(BlobResponse::Have { .. }) => {
+                schedule.on_failure(peer, start, Failure::Unavailable, now)
+            }
+            Ok(BlobResponse::Invalid(why)) => {
+                tracing::debug!(peer = %short_peer(&peer), "peer refused a request: {why}");
+                schedule.on_failure(peer, start, Failure::Unavailable, now)
+            }
+            Err(e) => {
+                tracing::debug!(peer = %short_peer(&peer), "blob request failed: {e}");
+                schedule.on_failure(peer, start, Failure::Lost, now)
+            }
+        },
+    }
+}

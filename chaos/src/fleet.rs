@@ -1,0 +1,317 @@
+//! A fleet of real `mesh agent` processes on this machine, each with its own state
+//! directory and loopback address, driven through the admin endpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mesh::cli::client::Session;
+use mesh::node::RunInfo;
+use mesh::proto::{Request, Response};
+use mesh_actors::manifest::ReleaseKind;
+use mesh_transport::{ContentId, SecretKey};
+use tokio::process::{Child, Command};
+
+/// Nodes one fleet may start on one machine.
+pub const FLEET_NODES_MAX: usize = 64;
+
+/// How nodes find each other.
+#[derive(Clone, Copy, Debug)]
+pub enum Topology {
+    /// Every node is told node0's address.
+    Star,
+    /// Node i is told node i-1's address; the rest is discovery.
+    Chain,
+}
+
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    pub nodes: usize,
+    pub mesh_bin: PathBuf,
+    pub topology: Topology,
+    /// Extra `mesh agent` flags for every node.
+    pub agent_args: Vec<String>,
+    /// Where state and logs go; a temporary directory when `None`.
+    pub dir: Option<PathBuf>,
+    /// Run each node in its own shaped network namespace instead of on loopback.
+    pub lab: Option<std::sync::Arc<crate::netns::NetLab>>,
+}
+
+pub struct FleetNode {
+    pub name: String,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    pub info: RunInfo,
+    pub session: Session,
+    child: Child,
+}
+
+pub struct Fleet {
+    pub nodes: Vec<FleetNode>,
+    pub operator: SecretKey,
+    pub dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    /// Kept until the fleet is gone: the lab network outlives the nodes in it.
+    _lab: Option<std::sync::Arc<crate::netns::NetLab>>,
+}
+
+/// Finds the `mesh` binary: `MESH_BIN`, else beside this executable (cargo puts both
+/// in the same target directory).
+pub fn find_mesh_bin(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit.or_else(|| std::env::var_os("MESH_BIN").map(PathBuf::from)) {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let sibling = exe.with_file_name("mesh");
+    if sibling.exists() {
+        return Ok(sibling);
+    }
+    bail!(
+        "finding the mesh binary: none beside {} (build it with cargo build --release -p mesh, or pass --mesh PATH)",
+        exe.display()
+    )
+}
+
+impl Fleet {
+    pub async fn start(cfg: &FleetConfig) -> anyhow::Result<Fleet> {
+        if cfg.nodes == 0 || cfg.nodes > FLEET_NODES_MAX {
+            bail!("starting a fleet: between 1 and {FLEET_NODES_MAX} nodes");
+        }
+        let (dir, temp) = match &cfg.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (d.clone(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("mesh-fleet-").tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let operator = SecretKey::generate();
+        let mut nodes: Vec<FleetNode> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..cfg.nodes {
+            let bootstrap = match cfg.topology {
+                Topology::Star => nodes.first(),
+                Topology::Chain => nodes.last(),
+            }
+            .map(|n| n.info.listen[0].clone());
+            let node = start_node(cfg, &dir, i, bootstrap, &operator, deadline).await?;
+            nodes.push(node);
+        }
+        Ok(Fleet {
+            nodes,
+            operator,
+            dir,
+            _temp: temp,
+            _lab: cfg.lab.clone(),
+        })
+    }
+
+    /// Waits until every node sees at least `peers` live peers.
+    pub async fn wait_connected(&self, peers: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut short = Vec::new();
+            for n in &self.nodes {
+                if let Response::Status(s) = n.session.request(&Request::Status).await? {
+                    if s.peers_alive < peers {
+                        short.push(format!("{}:{}", n.name, s.peers_alive));
+                    }
+                }
+            }
+            if short.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waiting for the fleet to connect ({peers} peers each): {}",
+                    short.join(" ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Publishes `bytes` as a data release through node `i`; returns its id once the
+    /// node has stored it.
+    pub async fn publish_data(
+        &self,
+        i: usize,
+        name: &str,
+        version: u64,
+        bytes: &[u8],
+    ) -> anyhow::Result<ContentId> {
+        let signed = mesh::cli::publish::sign_release(
+            ReleaseKind::Data,
+            name,
+            version,
+            bytes,
+            std::slice::from_ref(&self.operator),
+            None,
+        )?;
+        let info = mesh::cli::publish::upload(&self.nodes[i].session, &signed, bytes).await?;
+        Ok(info.content)
+    }
+
+    /// Whether node `i` holds blob `id` completely.
+    pub async fn has(&self, i: usize, id: ContentId) -> anyhow::Result<bool> {
+        match self.nodes[i].session.request(&Request::Blob { id }).await? {
+            Response::Blob(b) => Ok(b.complete),
+            _ => bail!(
+                "asking {} for blob {id}: unexpected response",
+                self.nodes[i].name
+            ),
+        }
+    }
+
+    /// CPU seconds (user + system) the node processes have used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.nodes
+            .iter()
+            .filter_map(|n| proc_cpu_seconds(n.info.pid))
+            .sum()
+    }
+
+    /// Resident memory of node `i`, in KiB.
+    pub fn rss_kib(&self, i: usize) -> Option<u64> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.nodes[i].info.pid)).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    pub async fn stop(mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.start_kill();
+        }
+        for n in &mut self.nodes {
+            let _ = n.child.wait().await;
+        }
+        // The lab network (if any) is removed when the last reference drops, after
+        // every process in it has exited.
+    }
+
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+async fn start_node(
+    cfg: &FleetConfig,
+    dir: &Path,
+    i: usize,
+    bootstrap: Option<String>,
+    operator: &SecretKey,
+    deadline: Instant,
+) -> anyhow::Result<FleetNode> {
+    let name = format!("node{i}");
+    let state = dir.join(&name);
+    std::fs::create_dir_all(&state)?;
+    let log = dir.join(format!("{name}.log"));
+    let log_file = std::fs::File::create(&log)?;
+    let op = operator.public().to_string();
+    let (mut cmd, listen, admin) = match &cfg.lab {
+        None => (
+            Command::new(&cfg.mesh_bin),
+            "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
+            "127.0.0.1:0".to_string(),
+        ),
+        Some(lab) => {
+            // `ip netns exec` execs the program, so the child's pid is the agent's.
+            let prefix = lab.exec_prefix(i);
+            let mut c = Command::new(&prefix[0]);
+            c.args(&prefix[1..]).arg(&cfg.mesh_bin);
+            let addr = lab.addr(i);
+            (
+                c,
+                format!("/ip4/{addr}/udp/7400/quic-v1"),
+                format!("{addr}:7401"),
+            )
+        }
+    };
+    cmd.arg("agent")
+        .arg("--state")
+        .arg(&state)
+        .args(["--listen", &listen, "--admin", &admin])
+        .args([
+            "--release-key",
+            &op,
+            "--operator",
+            &op,
+            "--label",
+            &format!("name={name}"),
+        ])
+        .args(&cfg.agent_args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .kill_on_drop(true);
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", &b]);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} from {}", cfg.mesh_bin.display()))?;
+    let pid = child.id().unwrap_or(0);
+    let info = loop {
+        if let Ok(info) = RunInfo::read(&state) {
+            if info.pid == pid {
+                break info;
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "starting {name}: the agent exited with {status}; see {}",
+                log.display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "starting {name}: it did not come up in time; see {}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let session = Session::attach_with(&info.admin, operator, Some(info.node))
+        .await
+        .with_context(|| format!("attaching to {name}"))?;
+    Ok(FleetNode {
+        name,
+        state,
+        log,
+        info,
+        session,
+        child,
+    })
+}
+
+/// User plus system CPU seconds of a process, from /proc.
+pub fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // The kernel reports clock ticks; USER_HZ is 100 on every Linux this runs on.
+    Some((utime + stime) / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let t = super::proc_cpu_seconds(std::process::id()).unwrap();
+        assert!(t >= 0.0);
+    }
+}
