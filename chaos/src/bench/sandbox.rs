@@ -293,9 +293,8 @@ async fn dispatch(args: &Args) -> anyhow::Result<(Duration, Duration)> {
     let rounds = args.rounds;
     let raw = Arc::new(std::sync::Mutex::new(
         tokio::task::spawn_blocking(|| -> anyhow::Result<raw::Inst> {
-            // The instance lives in a store tied to the engine inside `Raw`; keep both.
-            let raw = Box::leak(Box::new(raw::Raw::new()?));
-            let mut inst = raw.instantiate()?;
+            // The store keeps its engine alive; `Raw` itself is not needed any more.
+            let mut inst = raw::Raw::new()?.instantiate()?;
             inst.init()?;
             Ok(inst)
         })
@@ -700,7 +699,12 @@ mod tests {
         let small = generated_module(10);
         engine.compile(&small).unwrap();
         let big = generated_module(100);
-        assert!(big.len() > 9 * small.len(), "{} vs {}", big.len(), small.len());
+        assert!(
+            big.len() > 9 * small.len(),
+            "{} vs {}",
+            big.len(),
+            small.len()
+        );
     }
 
     #[test]
