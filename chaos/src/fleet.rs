@@ -261,27 +261,7 @@ async fn start_node(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {name} from {}", cfg.mesh_bin.display()))?;
-    let pid = child.id().unwrap_or(0);
-    let info = loop {
-        if let Ok(info) = RunInfo::read(&state) {
-            if info.pid == pid {
-                break info;
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "starting {name}: the agent exited with {status}; see {}",
-                log.display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "starting {name}: it did not come up in time; see {}",
-                log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let info = mesh::node::wait_for_agent(&name, &mut child, &state, &log, deadline).await?;
     let session = Session::attach_with(&info.admin, operator, Some(info.node))
         .await
         .with_context(|| format!("attaching to {name}"))?;

@@ -78,6 +78,33 @@ impl RunInfo {
     }
 }
 
+/// Waits for an agent process just started with `--state state` to write its run.json,
+/// failing if it exits first or does not come up by `deadline`. Used wherever agents
+/// are started as child processes (the demo, the chaos harness).
+pub async fn wait_for_agent(
+    name: &str,
+    child: &mut tokio::process::Child,
+    state: &Path,
+    log: &Path,
+    deadline: Instant,
+) -> anyhow::Result<RunInfo> {
+    let pid = child.id().unwrap_or(0);
+    loop {
+        if let Ok(info) = RunInfo::read(state) {
+            if info.pid == pid {
+                return Ok(info);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("starting {name}: the agent exited with {status}; see {}", log.display());
+        }
+        if Instant::now() > deadline {
+            bail!("starting {name}: it did not come up in time; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// State shared by the admin handlers and pumps.
 struct Ctx {
     key: PublicKey,

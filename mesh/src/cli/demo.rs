@@ -190,32 +190,13 @@ async fn start_node(
         cmd.args(["--bootstrap", &b]);
     }
     let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-    let pid = child.id().unwrap_or(0);
-    loop {
-        if let Ok(info) = RunInfo::read(&state) {
-            if info.pid == pid {
-                return Ok(DemoNode {
-                    name,
-                    log,
-                    child,
-                    info,
-                });
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "starting {name}: the agent exited with {status}; see {}",
-                log.display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "starting {name}: no run.json in {} in time",
-                state.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let info = crate::node::wait_for_agent(&name, &mut child, &state, &log, deadline).await?;
+    Ok(DemoNode {
+        name,
+        log,
+        child,
+        info,
+    })
 }
 
 async fn attach_all(nodes: &[DemoNode], operator: &SecretKey) -> anyhow::Result<Vec<Session>> {
