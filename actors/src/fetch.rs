@@ -584,7 +584,8 @@ async fn handle(
                         .await;
                 }
             }
-            Ok(BlobResponse::NotFound) | Ok(BlobResponse::Busy) | Ok(BlobResponse::Have { .. }) => {
+            Ok(BlobResponse::Busy) => schedule.on_failure(peer, start, Failure::Busy, now),
+            Ok(BlobResponse::NotFound) | Ok(BlobResponse::Have { .. }) => {
                 schedule.on_failure(peer, start, Failure::Unavailable, now)
             }
             Ok(BlobResponse::Invalid(why)) => {

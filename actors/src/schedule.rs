@@ -32,6 +32,12 @@ pub const TIMEOUT_MIN: Duration = Duration::from_secs(3);
 /// asked again; it doubles per consecutive failure up to the max.
 pub const REST_INITIAL: Duration = Duration::from_millis(200);
 pub const REST_MAX: Duration = Duration::from_secs(10);
+/// A busy peer is asked again after this long; busy is the normal state of a popular
+/// source, so it does not grow.
+pub const BUSY_REST: Duration = Duration::from_millis(50);
+/// The rarest-first search looks this far past the cursor before settling for any
+/// group the peer holds, so a poll stays cheap on large blobs.
+pub const RAREST_SCAN_MAX: u64 = 512;
 
 /// One request to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +50,9 @@ pub struct Request {
 /// How a request ended without data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
-    /// The peer said busy or does not have it (yet): try later.
+    /// The peer is at its serving limit: normal under load, ask again shortly.
+    Busy,
+    /// The peer does not have it (yet): ask again later, less often each time.
     Unavailable,
     /// The request failed in transport or timed out.
     Lost,
@@ -253,13 +261,19 @@ impl Schedule {
         let p = &self.peers[peer];
         let free = |g: &u64| self.is_wanted(*g) && !self.in_flight_at(*g) && p.holds(*g);
         let start = self.cursor.max(self.first_wanted);
-        let scan = |pred: &dyn Fn(&u64) -> bool| {
+        let scan = |pred: &dyn Fn(&u64) -> bool, limit: u64| {
             (start..self.groups)
+                .chain(self.first_wanted..start)
+                .take(limit as usize)
                 .find(|g| pred(g))
-                .or_else(|| (self.first_wanted..start).find(|g| pred(g)))
         };
-        // Rarest first: groups only this peer is known to hold, then any it holds.
-        scan(&|g: &u64| free(g) && self.avail[*g as usize] <= 1).or_else(|| scan(&free))
+        // Rarest first: groups only this peer is known to hold (within a bounded look
+        // ahead), then any it holds.
+        scan(
+            &|g: &u64| free(g) && self.avail[*g as usize] <= 1,
+            RAREST_SCAN_MAX,
+        )
+        .or_else(|| scan(&free, self.groups))
     }
 
     fn advance(&mut self) {
@@ -420,6 +434,9 @@ impl Schedule {
                 p.rate /= 2.0;
                 p.rest_until = now + p.rest;
                 p.rest = (p.rest * 2).min(REST_MAX);
+            }
+            Failure::Busy => {
+                p.rest_until = now + BUSY_REST;
             }
             Failure::Unavailable => {
                 p.rest_until = now + p.rest;

@@ -36,7 +36,7 @@ pub struct Args {
 }
 
 /// How often the bench asks each node whether it has the blob yet.
-const POLL: Duration = Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(50);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.nodes < 2 {
