@@ -362,6 +362,10 @@ async fn run(
         let origin = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]));
         Schedule::new(groups, |g| p.has_group(g), origin)
     };
+    // The announcer of a release holds all of it; asking it first saves a round trip.
+    for peer in hint {
+        schedule.set_peer(*peer, None, Instant::now());
+    }
     let mut pending: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> =
         FuturesUnordered::new();
     let mut asked_have: HashMap<PeerId, Instant> = HashMap::new();

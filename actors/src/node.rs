@@ -74,8 +74,9 @@ impl<M: Send + 'static> Addr<M> {
 
 /// Blob requests served at once (each reads from disk and hashes what it sends).
 pub const SERVES_CONCURRENT_MAX: usize = 8;
-/// Blob requests served at once to one peer, so one greedy peer cannot take them all.
-pub const SERVES_PER_PEER_MAX: usize = 4;
+/// Blob requests served at once to one peer, so one greedy peer cannot take them all;
+/// twice what a well-behaved downloader keeps in flight, for slack.
+pub const SERVES_PER_PEER_MAX: usize = 2 * crate::schedule::PEER_IN_FLIGHT_MAX;
 
 /// Messages to the store actor.
 pub enum StoreMsg {
@@ -173,10 +174,12 @@ impl Actor for StoreActor {
                             .take(bytes.len() as u64, Instant::now());
                         tokio::time::sleep(wait).await;
                     }
-                    reply.send(response);
-                    drop(permit);
-                    // A full mailbox only delays freeing the slot until the next message.
+                    // The slot is freed before the peer sees the reply, so its next
+                    // request (sent on receipt) never finds its own old request
+                    // still counted. A full mailbox only delays freeing it.
                     let _ = args.myself.try_send(StoreMsg::Served { peer });
+                    drop(permit);
+                    reply.send(response);
                 });
             }
         }

@@ -35,8 +35,12 @@ pub struct Args {
     rate_mbit: Option<u32>,
 }
 
-/// How often the bench asks each node whether it has the blob yet.
-const POLL: Duration = Duration::from_millis(50);
+/// How often the bench asks each node whether it has the blob yet: finer for small
+/// fleets (a single transfer takes a fraction of a second), coarser for large ones so
+/// the polling itself does not load the nodes.
+fn poll_interval(nodes: usize) -> Duration {
+    Duration::from_millis((5 * nodes as u64).clamp(10, 50))
+}
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.nodes < 2 {
@@ -191,7 +195,7 @@ async fn propagate(
                 fleet.log_tail(1, 20)
             );
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll_interval(n)).await;
     }
     let cpu = fleet.cpu_seconds() - cpu0;
     Ok((done.into_iter().map(|d| d.unwrap_or(0.0)).collect(), cpu))

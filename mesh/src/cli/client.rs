@@ -66,9 +66,16 @@ impl Session {
             .open_stream()
             .await
             .context("opening a request stream")?;
-        wire::write_frame(&mut send, req)
-            .await
-            .context("sending the request")?;
+        if let Err(e) = wire::write_frame(&mut send, req).await {
+            // A node that refuses a request (an oversized frame) answers and stops
+            // reading; its answer is the better error.
+            if let Ok(Response::Error(reason)) =
+                wire::read_frame::<_, Response>(&mut recv, RESPONSE_BYTES_MAX).await
+            {
+                bail!("{reason}");
+            }
+            return Err(e).context("sending the request");
+        }
         let mut done = 0u64;
         for piece in body.chunks(UPLOAD_PIECE_BYTES) {
             if let Err(e) = send.write_all(piece).await {
