@@ -34,7 +34,7 @@
 //!   reads it in), plus zstd history of `min(target size, 2^window_log)` where
 //!   `window_log` is the smallest power of two covering old plus target size (at most
 //!   2^31), plus about 300 KiB. That is about old + target size: the price of this codec.
-
+//!
 //! Every length read from a patch is checked against a named limit before anything is
 //! allocated for it, the zstd decoder is told the largest window it may use, and the
 //! result may not grow past the size in the header.

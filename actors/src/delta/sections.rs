@@ -253,20 +253,28 @@ fn blocks(controls: Vec<Control>) -> Vec<Vec<Control>> {
     out
 }
 
+/// The non-zero bytes of `diff`, each with the run of zeros before it.
+fn nonzero_runs(diff: &[u8]) -> impl Iterator<Item = (u64, u8)> + '_ {
+    let mut run = 0u64;
+    diff.iter().filter_map(move |&b| {
+        if b == 0 {
+            run += 1;
+            return None;
+        }
+        let pair = (run, b);
+        run = 0;
+        Some(pair)
+    })
+}
+
 /// Diff bytes in split sparse form: the number of non-zero bytes, the run of zeros
 /// before each, then the non-zero bytes themselves.
 fn split(diff: &[u8]) -> Vec<u8> {
     let mut runs = Vec::new();
     let mut values = Vec::new();
-    let mut run = 0u64;
-    for &b in diff {
-        if b == 0 {
-            run += 1;
-        } else {
-            put_varint(&mut runs, run);
-            values.push(b);
-            run = 0;
-        }
+    for (run, b) in nonzero_runs(diff) {
+        put_varint(&mut runs, run);
+        values.push(b);
     }
     let mut out = Vec::with_capacity(runs.len() + values.len() + VARINT_BYTES_MAX);
     put_varint(&mut out, values.len() as u64);
@@ -279,15 +287,9 @@ fn split(diff: &[u8]) -> Vec<u8> {
 /// it; the zeros after the last one are implied by the block's length.
 fn sparse(diff: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut run = 0u64;
-    for &b in diff {
-        if b == 0 {
-            run += 1;
-        } else {
-            put_varint(&mut out, run);
-            out.push(b);
-            run = 0;
-        }
+    for (run, b) in nonzero_runs(diff) {
+        put_varint(&mut out, run);
+        out.push(b);
     }
     out
 }
