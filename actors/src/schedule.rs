@@ -22,12 +22,17 @@ pub const PEER_IN_FLIGHT_MAX: usize = 4;
 pub const DOWNLOAD_IN_FLIGHT_MAX: usize = 32;
 /// Each request aims to take this long at the peer's measured rate.
 pub const REQUEST_TARGET: Duration = Duration::from_millis(250);
-/// Rate assumed for a peer before its first response (bytes per second).
-pub const INITIAL_RATE: f64 = 4.0 * 1024.0 * 1024.0;
+/// Rate assumed for a peer before its first response (bytes per second). Low on
+/// purpose (a slow start): a popular source on a thin uplink would otherwise be asked
+/// for megabytes by every peer at once, most of it overlapping, and requests would
+/// time out in its queue; the rate grows with each measured response.
+pub const INITIAL_RATE: f64 = 256.0 * 1024.0;
 /// A request is given up when it takes this many times its expected duration ...
 pub const TIMEOUT_FACTOR: u32 = 4;
-/// ... but never sooner than this (round trips, scheduling noise).
-pub const TIMEOUT_MIN: Duration = Duration::from_secs(3);
+/// ... but never sooner than this (round trips, queues at a shaped uplink). A vanished
+/// peer fails its requests at once when its connection closes, so this only bounds how
+/// long a slow but alive peer holds groups.
+pub const TIMEOUT_MIN: Duration = Duration::from_secs(8);
 /// A peer that answered "busy", failed, or timed out rests this long before it is
 /// asked again; it doubles per consecutive failure up to the max.
 pub const REST_INITIAL: Duration = Duration::from_millis(200);
