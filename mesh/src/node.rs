@@ -96,10 +96,16 @@ pub async fn wait_for_agent(
             }
         }
         if let Some(status) = child.try_wait()? {
-            bail!("starting {name}: the agent exited with {status}; see {}", log.display());
+            bail!(
+                "starting {name}: the agent exited with {status}; see {}",
+                log.display()
+            );
         }
         if Instant::now() > deadline {
-            bail!("starting {name}: it did not come up in time; see {}", log.display());
+            bail!(
+                "starting {name}: it did not come up in time; see {}",
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
