@@ -45,6 +45,9 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 pub const STALL_MAX: Duration = Duration::from_secs(20);
 /// Peers a download queries for what they hold, per round.
 pub const HAVE_QUERIES_MAX: usize = 16;
+/// Downloads running at once on a node, whoever started them (releases or operators);
+/// each holds a partial file, its outboard and a schedule in memory.
+pub const TRANSFERS_MAX: usize = 16;
 /// A peer that sent data failing verification is refused this long.
 pub const LIAR_BAN: Duration = Duration::from_secs(600);
 
@@ -236,6 +239,10 @@ pub enum FetchError {
     },
     #[error("fetching {id}: another download of it is running")]
     Busy { id: ContentId },
+    #[error(
+        "fetching {id}: {TRANSFERS_MAX} downloads are running already; try again when one finishes"
+    )]
+    TooMany { id: ContentId },
 }
 
 /// How a finished download went.
@@ -284,8 +291,12 @@ pub async fn download(
     let partial = open_partial(ctx, id, size).await?;
     let registered = {
         let mut inner = ctx.transfers.lock();
+        let inner_len = inner.active.len();
         match inner.active.entry(id) {
             std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(_) if inner_len >= TRANSFERS_MAX => {
+                return Err(FetchError::TooMany { id });
+            }
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(Active {
                     partial: partial.clone(),
