@@ -44,7 +44,30 @@ pub struct FleetNode {
     pub log: PathBuf,
     pub info: RunInfo,
     pub session: Session,
-    child: Child,
+    /// None while the node is down (killed and not yet restarted).
+    child: Option<Child>,
+    /// The program and arguments that start it (a netns prefix included), without the
+    /// per-start extras.
+    argv: Vec<String>,
+    options: NodeOptions,
+}
+
+/// What one node gets beyond the fleet's common flags.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// Extra `mesh agent` flags for this node.
+    pub args: Vec<String>,
+    /// Environment variables for this node's process (libfaketime's, for instance).
+    pub env: Vec<(String, String)>,
+}
+
+/// Options of a fleet that the benchmarks do not need.
+#[derive(Clone, Debug, Default)]
+pub struct FleetExtras {
+    /// Per node, by index; nodes beyond the list get none.
+    pub per_node: Vec<NodeOptions>,
+    /// Where started agents are recorded, so an interrupted run's are found and killed.
+    pub registry: Option<std::sync::Arc<crate::registry::Registry>>,
 }
 
 pub struct Fleet {
@@ -54,7 +77,11 @@ pub struct Fleet {
     _temp: Option<tempfile::TempDir>,
     /// Kept until the fleet is gone: the lab network outlives the nodes in it.
     _lab: Option<std::sync::Arc<crate::netns::NetLab>>,
+    registry: Option<std::sync::Arc<crate::registry::Registry>>,
 }
+
+/// How long a (re)started node may take to write its run.json.
+pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Finds the `mesh` binary: `MESH_BIN`, else beside this executable (cargo puts both
 /// in the same target directory).
@@ -75,6 +102,10 @@ pub fn find_mesh_bin(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 impl Fleet {
     pub async fn start(cfg: &FleetConfig) -> anyhow::Result<Fleet> {
+        Self::start_with(cfg, &FleetExtras::default()).await
+    }
+
+    pub async fn start_with(cfg: &FleetConfig, extras: &FleetExtras) -> anyhow::Result<Fleet> {
         if cfg.nodes == 0 || cfg.nodes > FLEET_NODES_MAX {
             bail!("starting a fleet: between 1 and {FLEET_NODES_MAX} nodes");
         }
@@ -97,7 +128,18 @@ impl Fleet {
                 Topology::Chain => nodes.last(),
             }
             .map(|n| n.info.listen[0].clone());
-            let node = start_node(cfg, &dir, i, bootstrap, &operator, deadline).await?;
+            let options = extras.per_node.get(i).cloned().unwrap_or_default();
+            let node = start_node(
+                cfg,
+                &dir,
+                i,
+                bootstrap,
+                &operator,
+                deadline,
+                options,
+                extras.registry.as_deref(),
+            )
+            .await?;
             nodes.push(node);
         }
         Ok(Fleet {
@@ -106,7 +148,97 @@ impl Fleet {
             dir,
             _temp: temp,
             _lab: cfg.lab.clone(),
+            registry: extras.registry.clone(),
         })
+    }
+
+    /// Whether node `i`'s process is up (started and not killed or exited).
+    pub fn is_up(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// If node `i` exited on its own (the harness did not kill it), how.
+    pub fn exit_status(&mut self, i: usize) -> Option<String> {
+        let c = self.nodes[i].child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            _ => None,
+        }
+    }
+
+    /// kill -9 node `i` and reap it; its state directory stays.
+    pub async fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Starts node `i` again (killing it first if it runs) with the same state
+    /// directory, mesh address and admin address, its options replaced by `options`
+    /// when given, and every other node's address to rejoin through.
+    pub async fn restart(&mut self, i: usize, options: Option<NodeOptions>) -> anyhow::Result<()> {
+        self.kill9(i).await;
+        if let Some(o) = options {
+            self.nodes[i].options = o;
+        }
+        let others: Vec<String> = (0..self.nodes.len())
+            .filter(|j| *j != i)
+            .filter_map(|j| self.nodes[j].info.listen.first().cloned())
+            .collect();
+        let node = &mut self.nodes[i];
+        let mut argv = node.argv.clone();
+        // Keep the addresses the node had: a restarted device keeps its address.
+        for (flag, value) in [
+            ("--listen", node.info.listen.first().cloned()),
+            ("--admin", Some(node.info.admin.clone())),
+        ] {
+            if let (Some(pos), Some(v)) = (argv.iter().position(|a| a == flag), value) {
+                argv[pos + 1] = v;
+            }
+        }
+        for o in others {
+            argv.extend(["--bootstrap".to_string(), o]);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let mut child = spawn(&argv, &node.options, log)
+            .with_context(|| format!("restarting {}", node.name))?;
+        if let (Some(reg), Some(pid)) = (&self.registry, child.id()) {
+            reg.add_agent(pid)?;
+        }
+        let deadline = Instant::now() + NODE_START_TIMEOUT;
+        let info =
+            mesh::node::wait_for_agent(&node.name, &mut child, &node.state, &node.log, deadline)
+                .await?;
+        node.child = Some(child);
+        node.session = Session::attach_with(&info.admin, &self.operator, Some(info.node))
+            .await
+            .with_context(|| format!("attaching to {} after its restart", node.name))?;
+        node.info = info;
+        Ok(())
+    }
+
+    /// Sends node `i` a signal by name (STOP, CONT, KILL).
+    pub fn signal(&self, i: usize, signal: &str) -> anyhow::Result<()> {
+        let out = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.nodes[i].info.pid.to_string())
+            .output()
+            .context("running kill")?;
+        if !out.status.success() {
+            bail!(
+                "sending SIG{signal} to {}: {}",
+                self.nodes[i].name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Waits until every node sees at least `peers` live peers.
@@ -189,10 +321,14 @@ impl Fleet {
 
     pub async fn stop(mut self) {
         for n in &mut self.nodes {
-            let _ = n.child.start_kill();
+            if let Some(c) = n.child.as_mut() {
+                let _ = c.start_kill();
+            }
         }
         for n in &mut self.nodes {
-            let _ = n.child.wait().await;
+            if let Some(c) = n.child.as_mut() {
+                let _ = c.wait().await;
+            }
         }
         // The lab network (if any) is removed when the last reference drops, after
         // every process in it has exited.
@@ -205,6 +341,7 @@ impl Fleet {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start_node(
     cfg: &FleetConfig,
     dir: &Path,
@@ -212,6 +349,8 @@ async fn start_node(
     bootstrap: Option<String>,
     operator: &SecretKey,
     deadline: Instant,
+    options: NodeOptions,
+    registry: Option<&crate::registry::Registry>,
 ) -> anyhow::Result<FleetNode> {
     let name = format!("node{i}");
     let state = dir.join(&name);
@@ -219,48 +358,52 @@ async fn start_node(
     let log = dir.join(format!("{name}.log"));
     let log_file = std::fs::File::create(&log)?;
     let op = operator.public().to_string();
-    let (mut cmd, listen, admin) = match &cfg.lab {
+    let (mut argv, listen, admin): (Vec<String>, String, String) = match &cfg.lab {
         None => (
-            Command::new(&cfg.mesh_bin),
+            vec![cfg.mesh_bin.display().to_string()],
             "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
             "127.0.0.1:0".to_string(),
         ),
         Some(lab) => {
             // `ip netns exec` execs the program, so the child's pid is the agent's.
-            let prefix = lab.exec_prefix(i);
-            let mut c = Command::new(&prefix[0]);
-            c.args(&prefix[1..]).arg(&cfg.mesh_bin);
+            let mut argv = lab.exec_prefix(i);
+            argv.push(cfg.mesh_bin.display().to_string());
             let addr = lab.addr(i);
             (
-                c,
+                argv,
                 format!("/ip4/{addr}/udp/7400/quic-v1"),
                 format!("{addr}:7401"),
             )
         }
     };
-    cmd.arg("agent")
-        .arg("--state")
-        .arg(&state)
-        .args(["--listen", &listen, "--admin", &admin])
-        .args([
+    argv.extend(
+        [
+            "agent",
+            "--state",
+            &state.display().to_string(),
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
             "--release-key",
             &op,
             "--operator",
             &op,
             "--label",
             &format!("name={name}"),
-        ])
-        .args(&cfg.agent_args)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .kill_on_drop(true);
+        ]
+        .map(String::from),
+    );
+    argv.extend(cfg.agent_args.iter().cloned());
+    let mut first = argv.clone();
     if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", &b]);
+        first.extend(["--bootstrap".to_string(), b]);
     }
-    let mut child = cmd
-        .spawn()
+    let mut child = spawn(&first, &options, log_file)
         .with_context(|| format!("starting {name} from {}", cfg.mesh_bin.display()))?;
+    if let (Some(reg), Some(pid)) = (registry, child.id()) {
+        reg.add_agent(pid)?;
+    }
     let info = mesh::node::wait_for_agent(&name, &mut child, &state, &log, deadline).await?;
     let session = Session::attach_with(&info.admin, operator, Some(info.node))
         .await
@@ -271,8 +414,23 @@ async fn start_node(
         log,
         info,
         session,
-        child,
+        child: Some(child),
+        argv,
+        options,
     })
+}
+
+/// Spawns `argv` plus the node's own flags and environment, output to `log`.
+fn spawn(argv: &[String], options: &NodeOptions, log: std::fs::File) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .args(&options.args)
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    Ok(cmd.spawn()?)
 }
 
 /// User plus system CPU seconds of a process, from /proc.

@@ -7,8 +7,16 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod byzantine;
+pub mod faults;
 pub mod fleet;
+pub mod invariants;
 pub mod netns;
+pub mod registry;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod schedule;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,11 +34,24 @@ pub enum Command {
     /// Whole-system benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Run a chaos scenario: a fleet, a workload, seeded faults, invariants, a report.
+    Run(run::Args),
+    /// Remove what interrupted runs left behind (agents, mounts, namespaces).
+    Clean,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(b) => bench::run(b).await,
+        Command::Run(a) => run::run(a).await,
+        Command::Clean => {
+            let s = registry::remove_stale();
+            println!(
+                "removed {} run record(s), {} agent(s), {} mount(s), and stale namespaces",
+                s.records, s.agents, s.mounts
+            );
+            Ok(())
+        }
     }
 }
 
