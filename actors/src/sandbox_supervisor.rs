@@ -1676,6 +1676,19 @@ mod tests {
         }
     }
 
+    /// The floods (log and publish) are tested against their rate quotas, not their CPU
+    /// deadline: a thousand host calls per tick can take more than the tests' 50 ms per
+    /// call on a loaded machine, and a deadline restart is not what those tests check.
+    fn flood_quotas(kind: &str) -> Quotas {
+        match kind {
+            "logspam" | "publishflood" | "flood" => Quotas {
+                call_ms: Some(1000),
+                ..Quotas::default()
+            },
+            _ => Quotas::default(),
+        }
+    }
+
     fn expect_started(event: SandboxEvent, module: &str, v: u64) {
         match event {
             SandboxEvent::Started { name, version } if name == module && version == v => {}
@@ -2189,7 +2202,7 @@ mod tests {
                 &format!("hostile-{kind}"),
                 1,
                 c(&format!("hostile_{kind}")),
-                Quotas::default(),
+                flood_quotas(kind),
             );
         }
         let spam = h
@@ -2206,9 +2219,18 @@ mod tests {
             })
             .await;
         }
-        // The sensor pipeline kept running through all of it.
-        h.log_where(|l| l.module == "aggregator" && l.text.starts_with("readings 16 "))
-            .await;
+        // The sensor pipeline kept running through all of it. The log channel is shared
+        // with the log spammer and drops lines when full (as it should), so any summary
+        // at 16 readings or more will do, not exactly the 16th.
+        h.log_where(|l| {
+            l.module == "aggregator"
+                && l.text
+                    .strip_prefix("readings ")
+                    .and_then(|rest| rest.split(' ').next())
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n >= 16)
+        })
+        .await;
         for name in ["sensor", "aggregator"] {
             let s = h.status_where(name, |_| true).await;
             assert_eq!((s.state, s.restarts), (ModuleState::Running, 0), "{name}");
@@ -2246,15 +2268,24 @@ mod tests {
             "publishflood",
             "trap",
         ] {
-            h.deploy(hostile, 1, &module_source(&format!("{hostile}.wat")));
+            h.deploy_with(
+                hostile,
+                1,
+                &module_source(&format!("{hostile}.wat")),
+                flood_quotas(hostile),
+            );
         }
-        // The well-behaved module keeps ticking while the others trip their quotas.
-        let first = h
-            .log_where(|l| l.module == "hello" && l.text.starts_with("tick"))
-            .await;
-        let n: u32 = first.text.strip_prefix("tick ").unwrap().parse().unwrap();
-        let target = format!("tick {}", n + 20);
-        h.log_where(|l| l.module == "hello" && l.text == target)
+        // The well-behaved module keeps ticking while the others trip their quotas. Log
+        // lines are dropped when the shared channel is full (the spammer sees to that),
+        // so any tick at least 20 later will do.
+        let tick_of = |l: &LogLine| -> Option<u32> {
+            (l.module == "hello")
+                .then(|| l.text.strip_prefix("tick ")?.parse().ok())
+                .flatten()
+        };
+        let first = h.log_where(|l| tick_of(l).is_some()).await;
+        let n = tick_of(&first).unwrap_or(0);
+        h.log_where(|l| tick_of(l).is_some_and(|t| t >= n + 20))
             .await;
         let spam = h
             .status_where("logspam", |s| s.usage.log_lines_dropped > 0)
