@@ -76,7 +76,27 @@ struct Shared {
     sizes: BTreeMap<ContentId, u64>,
     /// Peers connected now, asked for their releases every round.
     connected: std::collections::BTreeSet<PeerId>,
+    /// Real blobs the peer fetched (verified) from honest nodes, so the groups it serves
+    /// carry real proofs with one byte flipped: a lie only the hash check catches.
+    copies: BTreeMap<ContentId, Copy>,
+    /// Blobs it tried to copy (once each).
+    tried: std::collections::BTreeSet<ContentId>,
+    /// Content ids of its own forgeries, which no honest node holds.
+    forged_ids: std::collections::BTreeSet<ContentId>,
 }
+
+/// A verified copy of a real blob: its data file, outboard file and size.
+#[derive(Clone)]
+struct Copy {
+    data: std::path::PathBuf,
+    outboard: std::path::PathBuf,
+    size: u64,
+}
+
+/// Blobs larger than this are not copied (the lie is then random bytes).
+const COPY_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// How long copying one blob may take.
+const COPY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Remembers a real manifest heard (not one of our own forgeries), to replay later.
 fn remember(sh: &mut Shared, key: &SecretKey, signed: SignedManifest) {
@@ -110,6 +130,8 @@ pub struct Byzantine {
     pub addr: Multiaddr,
     shared: Arc<Mutex<Shared>>,
     task: tokio::task::JoinHandle<()>,
+    /// Holds the copies; removed when the peer is dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl Byzantine {
@@ -152,6 +174,10 @@ impl Byzantine {
         let peer_id = handle.local_peer();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let s = shared.clone();
+        let dir = tempfile::Builder::new()
+            .prefix("mesh-byzantine-")
+            .tempdir()?;
+        let copies_dir = dir.path().to_path_buf();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(ROUND);
             loop {
@@ -160,7 +186,10 @@ impl Byzantine {
                         Some(ev) => on_event(&s, &key, &mut rng, ev),
                         None => break,
                     },
-                    _ = tick.tick() => round(&handle, &s, &key, &mut rng).await,
+                    _ = tick.tick() => {
+                        round(&handle, &s, &key, &mut rng).await;
+                        copy_one(&handle, &s, &copies_dir).await;
+                    }
                 }
             }
         });
@@ -169,6 +198,7 @@ impl Byzantine {
             addr,
             shared,
             task,
+            _dir: dir,
         })
     }
 
@@ -236,11 +266,31 @@ fn on_event(s: &Mutex<Shared>, key: &SecretKey, rng: &mut StdRng, ev: NetEvent) 
                     None => reply.send(BlobResponse::NotFound),
                 }
             }
-            BlobRequest::Groups { start, end, .. } => {
-                let groups = end.saturating_sub(start).min(4);
-                let len = (groups.max(1) * mesh_actors::verified::GROUP_BYTES) as usize + 512;
-                lock(s).stats.bad_groups_served += groups.max(1);
-                reply.send(BlobResponse::Encoded(garbage(rng, len)));
+            BlobRequest::Groups { id, start, end } => {
+                let copy = lock(s).copies.get(&id).cloned();
+                // A real encoding with one byte flipped, when we hold a copy; random
+                // bytes otherwise.
+                let lie = copy
+                    .and_then(|c| {
+                        let data = std::fs::File::open(&c.data).ok()?;
+                        let ob = std::fs::File::open(&c.outboard).ok()?;
+                        mesh_actors::verified::encode_complete(&id, &data, c.size, &ob, start, end)
+                            .ok()
+                    })
+                    .map(|mut enc| {
+                        let n = enc.len();
+                        enc[n / 2] ^= 0x5a;
+                        enc
+                    })
+                    .unwrap_or_else(|| {
+                        let groups = end.saturating_sub(start).clamp(1, 4);
+                        garbage(
+                            rng,
+                            (groups * mesh_actors::verified::GROUP_BYTES) as usize + 512,
+                        )
+                    });
+                lock(s).stats.bad_groups_served += end.saturating_sub(start).max(1);
+                reply.send(BlobResponse::Encoded(lie));
             }
         },
         NetEvent::RpcRequested { request, reply, .. } => {
@@ -317,6 +367,7 @@ fn forge_all(sh: &mut Shared, key: &SecretKey, rng: &mut StdRng) -> Vec<SignedMa
                 });
             }
             sh.sizes.insert(id, content.len() as u64);
+            sh.forged_ids.insert(id);
             out.push(signed);
         }
     }
@@ -403,4 +454,68 @@ async fn round(handle: &swarm::SwarmHandle, s: &Mutex<Shared>, key: &SecretKey, 
     sh.stats.replays_sent += sent.replays_sent;
     sh.stats.forged_sent += sent.forged_sent;
     sh.stats.flood_sent += sent.flood_sent;
+}
+
+/// Copies one real blob it heard of from an honest peer, verifying every group, so
+/// later lies about it carry real proofs.
+async fn copy_one(handle: &swarm::SwarmHandle, s: &Mutex<Shared>, dir: &std::path::Path) {
+    let (target, peers) = {
+        let mut sh = lock(s);
+        let target = sh
+            .sizes
+            .iter()
+            .find(|(id, size)| {
+                **size <= COPY_BYTES_MAX && !sh.tried.contains(*id) && !sh.forged_ids.contains(*id)
+            })
+            .map(|(id, size)| (*id, *size));
+        if let Some((id, _)) = target {
+            sh.tried.insert(id);
+        }
+        (target, sh.connected.iter().copied().collect::<Vec<_>>())
+    };
+    let Some((id, size)) = target else { return };
+    for peer in peers {
+        let copied =
+            tokio::time::timeout(COPY_TIMEOUT, copy_from(handle, peer, id, size, dir)).await;
+        if let Ok(Some(copy)) = copied {
+            lock(s).copies.insert(id, copy);
+            return;
+        }
+    }
+}
+
+async fn copy_from(
+    handle: &swarm::SwarmHandle,
+    peer: PeerId,
+    id: ContentId,
+    size: u64,
+    dir: &std::path::Path,
+) -> Option<Copy> {
+    use mesh_actors::verified::{groups_of, PartialBlob, GROUPS_PER_REQUEST_MAX};
+    let mut partial = PartialBlob::open(dir, id, size).ok()?;
+    let groups = groups_of(size);
+    let mut start = 0;
+    while start < groups {
+        let end = (start + GROUPS_PER_REQUEST_MAX).min(groups);
+        match handle
+            .request_blob(peer, BlobRequest::Groups { id, start, end })
+            .await
+        {
+            Ok(BlobResponse::Encoded(enc)) => {
+                if partial.receive(start, end, &enc).bad.is_some() {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+        start = end;
+    }
+    let (data, outboard) = partial.finish().ok()?;
+    let ob_path = dir.join(format!("{id}.copy.obao"));
+    std::fs::write(&ob_path, outboard).ok()?;
+    Some(Copy {
+        data,
+        outboard: ob_path,
+        size,
+    })
 }

@@ -165,11 +165,37 @@ impl Env {
         let mut rng = StdRng::seed_from_u64(f.seed);
         let detail = match f.kind {
             FaultKind::Kill => {
+                let mut done = Vec::new();
                 for n in &f.nodes {
+                    // What the node was downloading when it died, to show the kill
+                    // landed mid-transfer (or did not).
+                    let transfers = match tokio::time::timeout(
+                        REQUEST_TIMEOUT,
+                        self.fleet.nodes[*n].session.request(&Request::Transfers),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Response::Transfers(t))) if !t.is_empty() => {
+                            let parts: Vec<String> = t
+                                .iter()
+                                .map(|x| {
+                                    format!(
+                                        "{} {}/{} KiB",
+                                        x.id.short(),
+                                        x.have_bytes / 1024,
+                                        x.size / 1024
+                                    )
+                                })
+                                .collect();
+                            format!(" mid-download ({})", parts.join(", "))
+                        }
+                        _ => " (no download in progress)".to_string(),
+                    };
                     self.fleet.kill9(*n).await;
                     self.states[*n] = NodeState::Killed;
+                    done.push(format!("kill -9 {}{transfers}", node_name(*n)));
                 }
-                format!("kill -9 {}", names(&f.nodes))
+                done.join("; ")
             }
             FaultKind::Pause => {
                 for n in &f.nodes {
