@@ -116,8 +116,9 @@ pub enum Network {
 pub enum Kind {
     Data,
     Module,
-    /// Reserved for the firmware issue: parsed so scenarios can be written, refused at
-    /// run time until nodes install firmware.
+    /// A firmware image per version (`files`), published as a firmware release; what
+    /// a node does with it is the firmware issue's, and the invariants about slots are
+    /// not checked yet.
     Firmware,
 }
 
@@ -133,8 +134,9 @@ pub struct ReleaseSpec {
     /// Data releases: how many versions.
     #[serde(default)]
     pub versions: Option<u64>,
-    /// Module releases: the file of each version, in order (version i is files[i-1]);
-    /// relative to the scenario file, or to examples/modules of this repository.
+    /// Module and firmware releases: the file of each version, in order (version i is
+    /// files[i-1]); relative to the scenario file, or to examples/modules of this
+    /// repository.
     #[serde(default)]
     pub files: Vec<String>,
     /// Versions (1-based) known to crash-loop: the fleet must roll them back.
@@ -147,8 +149,8 @@ pub struct ReleaseSpec {
 impl ReleaseSpec {
     pub fn version_count(&self) -> u64 {
         match self.kind {
-            Kind::Module => self.files.len() as u64,
-            Kind::Data | Kind::Firmware => self.versions.unwrap_or(1),
+            Kind::Module | Kind::Firmware => self.files.len() as u64,
+            Kind::Data => self.versions.unwrap_or(1),
         }
     }
 }
@@ -169,8 +171,9 @@ pub struct FaultSpec {
     /// Nodes each occurrence hits (for a byzantine peer: nodes it dials).
     #[serde(default = "one_usize")]
     pub nodes: usize,
-    /// Start relative to a publish of a data release drawn from the plan, so the fault
-    /// lands while a transfer is running.
+    /// Start relative to a publish of a data or firmware release drawn from the plan,
+    /// so the fault lands while a transfer (or an install) is running: with `kill`,
+    /// a power cut during an install.
     #[serde(default)]
     pub after_publish: bool,
     /// Partition: how many groups.
@@ -310,8 +313,11 @@ impl Scenario {
                         );
                     }
                 }
-                Kind::Module if r.files.is_empty() => {
-                    bail!("release {}: a module release lists its files", r.name)
+                Kind::Module | Kind::Firmware if r.files.is_empty() => {
+                    bail!(
+                        "release {}: a module or firmware release lists its files",
+                        r.name
+                    )
                 }
                 _ => {}
             }
@@ -338,9 +344,9 @@ impl Scenario {
             if f.loss_percent > 100 {
                 bail!("fault loss loss_percent: at most 100");
             }
-            if f.after_publish && !self.releases.iter().any(|r| r.kind == Kind::Data) {
+            if f.after_publish && !self.releases.iter().any(|r| r.kind != Kind::Module) {
                 bail!(
-                    "fault {}: after_publish needs a data release to follow",
+                    "fault {}: after_publish needs a data or firmware release to follow",
                     f.kind
                 );
             }
