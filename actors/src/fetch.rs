@@ -239,6 +239,8 @@ pub enum FetchError {
     },
     #[error("fetching {id}: another download of it is running")]
     Busy { id: ContentId },
+    #[error("fetching {id}: storing it here failed: {reason}")]
+    Local { id: ContentId, reason: String },
     #[error(
         "fetching {id}: {TRANSFERS_MAX} downloads are running already; try again when one finishes"
     )]
@@ -463,7 +465,7 @@ async fn run(
 
         tokio::select! {
             Some(outcome) = pending.next(), if !pending.is_empty() => {
-                handle(ctx, id, groups, partial, &mut schedule, outcome).await;
+                handle(ctx, id, groups, partial, &mut schedule, outcome).await?;
             }
             _ = tick.tick() => {}
         }
@@ -553,7 +555,7 @@ async fn handle(
     partial: &Arc<Mutex<PartialBlob>>,
     schedule: &mut Schedule,
     outcome: Outcome,
-) {
+) -> Result<(), FetchError> {
     let now = Instant::now();
     match outcome {
         Outcome::Have { peer, result } => {
@@ -574,7 +576,7 @@ async fn handle(
                     tokio::task::spawn_blocking(move || lock(&p).receive(start, end, &bytes)).await;
                 let Ok(received) = received else {
                     schedule.on_failure(peer, start, Failure::Lost, now);
-                    return;
+                    return Ok(());
                 };
                 let fresh = received.groups.len() as u64 * GROUP_BYTES;
                 if let Some(a) = ctx.transfers.lock().active.get_mut(&id) {
@@ -587,6 +589,12 @@ async fn handle(
                     received.bad.is_some(),
                     Instant::now(),
                 );
+                if let Some(why) = received.local {
+                    // A full disk or an IO error here is not the peer's doing: stop this
+                    // download (what was checkpointed stays) and blame nobody.
+                    schedule.on_failure(peer, start, Failure::Busy, now);
+                    return Err(FetchError::Local { id, reason: why });
+                }
                 if let Some(why) = received.bad {
                     tracing::warn!(peer = %short_peer(&peer), content = %id.short(), "peer sent data that failed verification: {why}");
                     ctx.transfers.forget_peer(&peer);
@@ -612,5 +620,6 @@ async fn handle(
                 schedule.on_failure(peer, start, Failure::Lost, now)
             }
         },
-    }
+    };
+    Ok(())
 }

@@ -148,6 +148,9 @@ pub struct Received {
     /// Why the rest of the response was refused, if it was: the sender lied or the data
     /// was damaged in transit. Groups before the bad one are kept.
     pub bad: Option<String>,
+    /// Why the rest could not be stored here (a full disk, an IO error): our fault, not
+    /// the sender's, so it must never be held against the peer.
+    pub local: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -342,7 +345,7 @@ impl PartialBlob {
                     if let Err(e) =
                         bao_tree::io::sync::OutboardMut::save(&mut self.outboard, p.node, &p.pair)
                     {
-                        out.bad = Some(format!("saving a proof: {e}"));
+                        out.local = Some(format!("saving a proof: {e}"));
                         return out;
                     }
                 }
@@ -353,7 +356,7 @@ impl PartialBlob {
                     }
                     let g = offset / GROUP_BYTES;
                     if let Err(e) = self.data.write_all_at(&data, offset) {
-                        out.bad = Some(format!("writing group {g}: {e}"));
+                        out.local = Some(format!("writing group {g}: {e}"));
                         return out;
                     }
                     self.mark(g);
@@ -366,7 +369,7 @@ impl PartialBlob {
                 }
             }
         }
-        if out.groups.len() as u64 != end - start && out.bad.is_none() {
+        if out.groups.len() as u64 != end - start && out.bad.is_none() && out.local.is_none() {
             out.bad = Some(format!(
                 "response ended after {} of {} groups",
                 out.groups.len(),

@@ -106,13 +106,9 @@ fn byzantine_peer() {
     assert!(b.forged_sent > 0 && b.flood_sent > 0, "{b:?}");
 }
 
-/// Ignored until the bug it found is fixed: when a node's disk fills during a download,
-/// writing a received group fails with ENOSPC, and `PartialBlob::receive`
-/// (actors/src/verified.rs) reports that as the group failing verification, so the
-/// node bans its honest peers for 600 s and cannot catch up once space is back.
-/// Run it with `cargo test -p mesh-chaos --test short_suite disk_full -- --ignored`.
+/// A node's disk fills during a download: the write error must stop its download
+/// without blaming (and banning) the honest peers, so it catches up once space is back.
 #[test]
-#[ignore = "finds a bug: ENOSPC on the receiver is blamed on the sending peer, which is banned"]
 fn disk_full() {
     let r = run("disk-full", 2);
     faults_ran(&r, "disk_full");
