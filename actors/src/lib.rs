@@ -19,6 +19,7 @@ pub mod restart;
 pub mod sandbox;
 pub mod sandbox_supervisor;
 pub mod schedule;
+pub mod slots;
 pub mod store;
 pub mod trust;
 pub mod verified;
