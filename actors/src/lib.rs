@@ -7,6 +7,7 @@
 pub mod bucket;
 pub mod delta;
 pub mod fetch;
+pub mod firmware;
 pub mod host;
 pub mod kv;
 pub mod mailbox;

@@ -1,5 +1,5 @@
-//! The node supervisor and the children it restarts: store, peers, trust (releases) and
-//! the sandbox supervisor.
+//! The node supervisor and the children it restarts: store, peers, trust (releases), the
+//! sandbox supervisor and the firmware actor.
 //!
 //! Other parts of the node hold an [`Addr`] for each child rather than an actor ref, so
 //! that a restarted child is reached through the same handle.
@@ -15,6 +15,7 @@ use crate::bucket::TokenBucket;
 use crate::fetch::{FetchCtx, Transfers};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use crate::firmware::{FirmwareActor, FirmwareArgs, FirmwareMsg, FirmwareSetup};
 use crate::mailbox::{BoundedRef, Envelope, MailboxError};
 use crate::peers::{PeersActor, PeersMsg};
 use crate::releases::{ReleaseActor, ReleaseArgs, ReleaseMsg};
@@ -274,6 +275,7 @@ pub struct NodeAddrs {
     pub peers: Addr<PeersMsg>,
     pub releases: Addr<ReleaseMsg>,
     pub sandbox: Addr<SandboxMsg>,
+    pub firmware: Addr<FirmwareMsg>,
 }
 
 /// Everything the node supervisor needs to start (and restart) its children.
@@ -287,6 +289,8 @@ pub struct NodeArgs {
     pub sandbox: SandboxSupervisorArgs,
     pub restart: RestartPolicy,
     pub addrs: NodeAddrs,
+    /// Firmware targets, and what outlives a restart of the firmware actor.
+    pub firmware: FirmwareSetup,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,9 +299,18 @@ enum Child {
     Peers,
     Releases,
     Sandbox,
+    Firmware,
 }
 
-const CHILDREN: [Child; 4] = [Child::Store, Child::Peers, Child::Sandbox, Child::Releases];
+/// The trust actor starts last, so that the modules and firmware it hands on find their
+/// receivers running.
+const CHILDREN: [Child; 5] = [
+    Child::Store,
+    Child::Peers,
+    Child::Sandbox,
+    Child::Firmware,
+    Child::Releases,
+];
 
 pub struct NodeState {
     args: NodeArgs,
@@ -365,11 +378,32 @@ async fn spawn_child(
                 },
                 sandbox: a.sandbox.clone(),
                 peers: a.peers.clone(),
+                firmware: a.firmware.clone(),
                 myself: a.releases.clone(),
             };
             // The actor sets its own address in pre_start, before it starts the tick
             // task that sends to it.
             let (r, _) = Actor::spawn_linked(None, ReleaseActor, release_args, me).await?;
+            r.get_cell()
+        }
+        Child::Firmware => {
+            let firmware_args = FirmwareArgs {
+                config: args.firmware.config.clone(),
+                store: args.store.clone(),
+                fetch: FetchCtx {
+                    swarm: args.swarm.clone(),
+                    store: args.store.clone(),
+                    transfers: args.transfers.clone(),
+                    download_limit: args.download_limit.clone(),
+                },
+                swarm: args.swarm.clone(),
+                bytes_max: args.policy.firmware_bytes_max,
+                shared: args.firmware.shared.clone(),
+                restart: args.firmware.restart.clone(),
+                myself: a.firmware.clone(),
+            };
+            // Like the trust actor, it sets its own address in pre_start.
+            let (r, _) = Actor::spawn_linked(None, FirmwareActor, firmware_args, me).await?;
             r.get_cell()
         }
     };
@@ -469,6 +503,7 @@ impl NodeSupervisor {
             Child::Peers => a.peers.set(None),
             Child::Releases => a.releases.set(None),
             Child::Sandbox => a.sandbox.set(None),
+            Child::Firmware => a.firmware.set(None),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The release pipeline: offers of signed manifests (from gossip, from a peer's release
 //! list after a reconnect, or from the operator) are checked against the trust policy,
 //! their content is fetched from peers and verified, then recorded and, for modules,
-//! handed to the sandbox supervisor.
+//! handed to the sandbox supervisor. Firmware is recorded at once and handed to the
+//! firmware actor, which fetches the full image or only a patch, as the node needs.
 //!
 //! [`ReleaseBook`] decides (pure, time passed in); [`ReleaseActor`] is the "trust" actor
 //! of the node's tree that carries the decisions out.
@@ -14,6 +15,7 @@ use mesh_transport::libp2p::PeerId;
 use mesh_transport::swarm::SwarmHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::firmware::FirmwareMsg;
 use crate::mailbox::Envelope;
 use crate::manifest::{ReleaseKind, SignedManifest};
 use crate::node::Addr;
@@ -211,6 +213,7 @@ pub struct ReleaseArgs {
     pub fetch: crate::fetch::FetchCtx,
     pub sandbox: Addr<SandboxMsg>,
     pub peers: Addr<PeersMsg>,
+    pub firmware: Addr<FirmwareMsg>,
     pub myself: Addr<ReleaseMsg>,
 }
 
@@ -291,7 +294,7 @@ impl Actor for ReleaseActor {
                         .book
                         .fetch_done(kind, &name, version, ok, Instant::now())
                 {
-                    state.install(&signed).await?;
+                    state.install(&signed, None).await?;
                 }
             }
             ReleaseMsg::Tick => state.start_fetches().await,
@@ -326,7 +329,9 @@ impl ReleaseState {
     ) -> Result<(), ActorProcessingErr> {
         let m = &signed.manifest;
         let current = self.current(m.kind, &m.name).await?;
-        let has = self.args.store.has(&m.content);
+        // Firmware content is the firmware actor's to fetch: only it knows whether this
+        // node needs the full image or only a patch against the image it runs.
+        let has = m.kind == ReleaseKind::Firmware || self.args.store.has(&m.content);
         let decision = self.book.offer(
             &self.args.policy,
             &signed,
@@ -337,7 +342,7 @@ impl ReleaseState {
             crate::unix_ms() / 1000,
         );
         match decision {
-            OfferDecision::Install => self.install(&signed).await?,
+            OfferDecision::Install => self.install(&signed, from).await?,
             OfferDecision::Fetch => {
                 tracing::info!(release = %m.name, version = m.version, content = %m.content.short(), "accepted release, fetching content");
                 self.start_fetches().await;
@@ -369,7 +374,7 @@ impl ReleaseState {
             tracing::warn!(release = %m.name, version = m.version, "operator publish rejected: {rejection}");
             return Ok(Err(rejection));
         }
-        self.install(&signed).await?;
+        self.install(&signed, None).await?;
         // Announce after recording, so a peer that asks back for the blob finds it.
         if let Err(e) = self
             .args
@@ -384,7 +389,13 @@ impl ReleaseState {
         Ok(Ok(()))
     }
 
-    async fn install(&mut self, signed: &SignedManifest) -> Result<(), ActorProcessingErr> {
+    /// Records a release and hands it on: a module to the sandbox supervisor, firmware
+    /// (with `from`, its announcer, as the first peer to fetch from) to the firmware actor.
+    async fn install(
+        &mut self,
+        signed: &SignedManifest,
+        from: Option<PeerId>,
+    ) -> Result<(), ActorProcessingErr> {
         let store = self.args.store.clone();
         let record = signed.clone();
         let recorded = tokio::task::spawn_blocking(move || store.record_release(&record)).await?;
@@ -394,8 +405,20 @@ impl ReleaseState {
             return Ok(());
         }
         tracing::info!(release = %signed.manifest.name, version = signed.manifest.version, kind = %signed.manifest.kind, "installed release");
-        if signed.manifest.kind == ReleaseKind::Module {
-            deploy(&self.args, signed).await;
+        match signed.manifest.kind {
+            ReleaseKind::Module => deploy(&self.args, signed).await,
+            ReleaseKind::Firmware => {
+                let msg = FirmwareMsg::Release {
+                    signed: Box::new(signed.clone()),
+                    from,
+                };
+                // A firmware actor that is down reads the recorded release when it
+                // starts again.
+                if let Err(e) = self.args.firmware.try_send(msg) {
+                    tracing::warn!(release = %signed.manifest.name, "handing firmware to the firmware actor: {e}");
+                }
+            }
+            ReleaseKind::Data => {}
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mesh_actors::firmware::{TargetConfig, TargetKind, AGENT_TARGET};
 use mesh_actors::quota::QuotaPolicy;
 use mesh_actors::restart::RestartPolicy;
 use mesh_actors::sandbox::PoolConfig;
@@ -42,6 +43,8 @@ pub enum ConfigError {
     Label { label: String },
     #[error("no user data directory is known on this system; pass --state DIR")]
     NoStateDir,
+    #[error("checking firmware target {name:?}: {reason}")]
+    Firmware { name: String, reason: String },
 }
 
 /// The `[sandbox]` table.
@@ -91,6 +94,25 @@ pub struct RestartSection {
     pub backoff_max_ms: Option<u64>,
 }
 
+/// One `[[firmware]]` table: a device firmware target with its A/B slots.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirmwareSection {
+    /// The release name whose firmware goes into this target.
+    pub name: String,
+    /// The image slot A starts with (what the device runs); empty when not given.
+    pub initial_image: Option<PathBuf>,
+    /// Run with `sh -c` to switch the device to a slot (see docs/runtime-semantics.md).
+    pub activate: Option<String>,
+    /// Run with `sh -c`; must succeed before a new image is confirmed.
+    pub health: Option<String>,
+    pub boot_attempts: Option<u32>,
+    /// How long a new image must stay up before it is confirmed.
+    pub grace_ms: Option<u64>,
+    /// How long a new image has to become healthy before the switch back.
+    pub deadline_ms: Option<u64>,
+}
+
 /// The config file, every field optional.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -116,6 +138,8 @@ pub struct FileConfig {
     pub quotas: QuotaSection,
     /// Files modules may read with `sensor_read`, exactly as listed.
     pub sensors: Vec<PathBuf>,
+    /// Device firmware targets.
+    pub firmware: Vec<FirmwareSection>,
 }
 
 impl FileConfig {
@@ -158,6 +182,8 @@ pub struct NodeConfig {
     pub download_bytes_per_s: Option<u64>,
     /// How often the node gossips its report (health, labels, modules).
     pub report_interval: Duration,
+    /// Device firmware targets (the agent's own target comes from the launcher).
+    pub firmware: Vec<TargetConfig>,
 }
 
 /// The flags of `mesh agent`, already parsed; `None` and empty mean "not given".
@@ -296,8 +322,40 @@ impl NodeConfig {
             upload_bytes_per_s: flags.upload_bytes_per_s.or(file.upload_bytes_per_s),
             download_bytes_per_s: flags.download_bytes_per_s.or(file.download_bytes_per_s),
             report_interval: Duration::from_secs(2),
+            firmware: resolve_firmware(&file.firmware)?,
         })
     }
+}
+
+/// Device firmware targets from the `[[firmware]]` tables.
+fn resolve_firmware(sections: &[FirmwareSection]) -> Result<Vec<TargetConfig>, ConfigError> {
+    let mut out: Vec<TargetConfig> = Vec::new();
+    for s in sections {
+        let err = |reason: String| ConfigError::Firmware {
+            name: s.name.clone(),
+            reason,
+        };
+        mesh_actors::manifest::check_name(&s.name).map_err(|e| err(e.to_string()))?;
+        if s.name == AGENT_TARGET {
+            return Err(err(format!(
+                "{AGENT_TARGET:?} is the agent's own target, managed by `mesh launcher`"
+            )));
+        }
+        if out.iter().any(|t| t.name == s.name) {
+            return Err(err("listed twice".into()));
+        }
+        let mut t = TargetConfig::device(&s.name);
+        t.kind = TargetKind::Device {
+            activate: s.activate.clone(),
+        };
+        t.initial_image = s.initial_image.clone();
+        t.health = s.health.clone();
+        set(&mut t.boot_attempts, s.boot_attempts);
+        set(&mut t.grace, s.grace_ms.map(Duration::from_millis));
+        set(&mut t.deadline, s.deadline_ms.map(Duration::from_millis));
+        out.push(t);
+    }
+    Ok(out)
 }
 
 /// Module quotas: the built-in policy, then the `[sandbox]` and `[quotas]` tables.
@@ -444,6 +502,17 @@ mod tests {
         assert_eq!(c.sandbox.quotas.defaults.call_ms, 7);
         assert_eq!(c.sandbox.engine.cache_dir, Some(dir.path().join("s/cache")));
         assert_eq!(c.key_path, dir.path().join("s/node.key"));
+
+        std::fs::write(
+            &path,
+            "[[firmware]]\nname = \"gw\"\nactivate = \"true\"\ngrace_ms = 500\n",
+        )
+        .unwrap();
+        let c = NodeConfig::resolve(&flags).unwrap();
+        assert_eq!(c.firmware.len(), 1);
+        assert_eq!(c.firmware[0].grace, Duration::from_millis(500));
+        std::fs::write(&path, "[[firmware]]\nname = \"agent\"\n").unwrap();
+        assert!(NodeConfig::resolve(&flags).is_err(), "agent is reserved");
 
         std::fs::write(&path, "unknown_field = 1\n").unwrap();
         let err = NodeConfig::resolve(&flags).unwrap_err().to_string();

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use mesh_actors::bucket::TokenBucket;
 use mesh_actors::fetch::{FetchCtx, HaveAnnouncement, Transfers, HAVE_TOPIC};
+use mesh_actors::firmware::{
+    FirmwareConfig, FirmwareFailure, FirmwareMsg, FirmwareSetup, TargetConfig,
+    FIRMWARE_FAILURES_TOPIC,
+};
 use mesh_actors::host::{HostServices, Published, APP_TOPIC};
 use mesh_actors::kv::KvStore;
 use mesh_actors::mailbox::MailboxError;
@@ -31,9 +35,9 @@ use tokio::io::AsyncReadExt;
 
 use crate::config::NodeConfig;
 use crate::proto::{
-    BlobState, FailureInfo, ModulesInfo, NodeModules, PeerRequest, PeerResponse, PublishInfo,
-    ReleaseInfo, Request, Response, StatusInfo, LOG_LINES_MAX, PEER_RELEASES_MAX,
-    REQUEST_BYTES_MAX,
+    BlobState, FailureInfo, FirmwareFailureInfo, FirmwareInfo, ModulesInfo, NodeFirmware,
+    NodeModules, PeerRequest, PeerResponse, PublishInfo, ReleaseInfo, Request, Response,
+    StatusInfo, LOG_LINES_MAX, PEER_RELEASES_MAX, REQUEST_BYTES_MAX,
 };
 
 /// The gossipsub topic for node reports (health, labels, modules).
@@ -128,6 +132,18 @@ struct Ctx {
     logs: Mutex<VecDeque<LogLine>>,
     /// Releases reported failed, newest last.
     failures: Mutex<VecDeque<FailureInfo>>,
+    /// Firmware failures peers reported, newest last.
+    firmware_failures: Mutex<VecDeque<FirmwareFailureInfo>>,
+}
+
+/// How a node's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to shut down.
+    Shutdown,
+    /// The firmware actor asked for a restart into the active slot of the agent's own
+    /// target (activation or rollback); the agent exits for its launcher to start it.
+    Restart(String),
 }
 
 /// Loads the node key, creating it on first start.
@@ -141,11 +157,12 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<SecretKey> {
     Ok(key)
 }
 
-/// Runs a node until `shutdown` completes or its supervision tree gives up.
+/// Runs a node until `shutdown` completes, the firmware actor asks for a restart, or its
+/// supervision tree gives up.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
     let key = load_or_create_key(&config.key_path)?;
@@ -186,6 +203,7 @@ pub async fn run(
             HAVE_TOPIC.to_string(),
             APP_TOPIC.to_string(),
             FAILURES_TOPIC.to_string(),
+            FIRMWARE_FAILURES_TOPIC.to_string(),
         ],
         ..SwarmConfig::default()
     };
@@ -204,6 +222,12 @@ pub async fn run(
     let (logs_tx, mut logs_rx) = tokio::sync::mpsc::channel(LOG_QUEUE_MAX);
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(SANDBOX_EVENTS_MAX);
     let addrs = NodeAddrs::default();
+    // The agent's own target exists only under a launcher, which says so in the
+    // environment; device targets come from the config file.
+    let mut targets: Vec<TargetConfig> = config.firmware.clone();
+    let launched = TargetConfig::agent_from_env();
+    targets.extend(launched.clone());
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<String>(1);
     let node_args = NodeArgs {
         store: store.clone(),
         swarm: swarm.clone(),
@@ -225,6 +249,14 @@ pub async fn run(
         },
         restart: config.sandbox.restart.clone(),
         addrs: addrs.clone(),
+        firmware: FirmwareSetup {
+            config: FirmwareConfig {
+                dir: config.state_dir.join("firmware"),
+                targets,
+            },
+            shared: Default::default(),
+            restart: launched.is_some().then_some(restart_tx),
+        },
     };
     let (supervisor, mut supervisor_done) = NodeSupervisor::start(node_args)
         .await
@@ -245,6 +277,7 @@ pub async fn run(
         listen: Mutex::new(listen.clone()),
         logs: Mutex::new(VecDeque::new()),
         failures: Mutex::new(VecDeque::new()),
+        firmware_failures: Mutex::new(VecDeque::new()),
     });
 
     let run_info = RunInfo {
@@ -280,15 +313,15 @@ pub async fn run(
     tokio::spawn(report_loop(ctx.clone()));
     tokio::spawn(admin_loop(ctx.clone(), admin));
 
-    tokio::select! {
-        _ = shutdown => {
-            tracing::info!("shutting down");
-            supervisor.stop(Some("shutdown".into()));
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut supervisor_done).await;
-            Ok(())
-        }
+    let exit = tokio::select! {
+        _ = shutdown => Exit::Shutdown,
+        Some(why) = restart_rx.recv() => Exit::Restart(why),
         _ = &mut supervisor_done => bail!("the node's supervision tree stopped: a node actor exceeded its restart intensity"),
-    }
+    };
+    tracing::info!(?exit, "shutting down");
+    supervisor.stop(Some("shutdown".into()));
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut supervisor_done).await;
+    Ok(exit)
 }
 
 /// Logs what happens to modules and gossips the releases that failed here.
@@ -494,6 +527,28 @@ fn on_gossip(
             }
             Ok(())
         }
+        FIRMWARE_FAILURES_TOPIC => {
+            match (author, FirmwareFailure::decode(data)) {
+                (Some(author), Ok(report)) => {
+                    tracing::warn!(node = %short_peer(&author), target = %report.target, version = report.version, "a peer reports firmware that failed its trial: {}", report.reason);
+                    let mut list = ctx
+                        .firmware_failures
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if list.len() >= FAILURES_KEPT_MAX {
+                        list.pop_front();
+                    }
+                    list.push_back(FirmwareFailureInfo {
+                        reporter: short_peer(&author),
+                        report,
+                    });
+                }
+                _ => {
+                    tracing::debug!(via = %short_peer(&via), "dropped a malformed firmware failure report")
+                }
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -543,6 +598,15 @@ async fn answer_peer(ctx: &Ctx, request: &[u8]) -> Vec<u8> {
                 .map(|s| s.encode())
                 .collect();
             wire::encode(&PeerResponse::Releases(encoded)).unwrap_or_default()
+        }
+        Ok(PeerRequest::Firmware) => {
+            let targets = ctx
+                .addrs
+                .firmware
+                .call(FirmwareMsg::Status, QUERY)
+                .await
+                .unwrap_or_default();
+            wire::encode(&PeerResponse::Firmware(targets)).unwrap_or_default()
         }
         Err(_) => Vec::new(),
     }
@@ -725,6 +789,14 @@ async fn handle_request(
             Ok((size, complete)) => Response::Fetching { id, size, complete },
             Err(e) => Response::Error(format!("{e:#}")),
         },
+        Request::PutBlob { id, size } => match put_blob(ctx, id, size, recv).await {
+            Ok(()) => {
+                tracing::info!(operator = %operator.short(), content = %id.short(), size, "operator stored a blob");
+                Response::Stored { id, size }
+            }
+            Err(e) => Response::Error(format!("{e:#}")),
+        },
+        Request::Firmware { all } => Response::Firmware(firmware_info(ctx, all).await),
         Request::Publish { manifest } => match publish(ctx, operator, &manifest, recv).await {
             Ok(info) => Response::Published(info),
             Err(e) => {
@@ -756,7 +828,7 @@ async fn publish(
         .context("checking the release")?;
     let already = ctx.store.has(&m.content);
     if !already {
-        receive_content(ctx, &m, recv).await?;
+        receive_content(ctx, m.content, m.size, recv).await?;
     } else {
         // The content is already here (an earlier publish of the same bytes); the
         // operator's copy is read and discarded so the stream ends cleanly.
@@ -874,29 +946,108 @@ const FETCH_QUERY_PEERS_MAX: usize = 16;
 /// Content bytes are read in pieces of this size from the operator's stream.
 const UPLOAD_CHUNK_BYTES: usize = 256 * 1024;
 
+/// Stores a blob the operator uploads: a firmware patch that a release will name. It is
+/// verified against its hash like any content; only firmware releases name such blobs,
+/// so the firmware size limit applies.
+async fn put_blob(
+    ctx: &Ctx,
+    id: ContentId,
+    size: u64,
+    recv: &mut mesh_transport::quinn::RecvStream,
+) -> anyhow::Result<()> {
+    if size == 0 || size > ctx.policy.firmware_bytes_max {
+        bail!(
+            "storing blob {id}: {size} bytes is outside 1..={}",
+            ctx.policy.firmware_bytes_max
+        );
+    }
+    if ctx.store.has(&id) {
+        return drain(recv, size).await;
+    }
+    receive_content(ctx, id, size, recv)
+        .await
+        .with_context(|| format!("storing blob {id}"))
+}
+
+/// This node's firmware targets, from its firmware actor, and with `all` each connected
+/// peer's, asked over rpc.
+async fn firmware_info(ctx: &Ctx, all: bool) -> FirmwareInfo {
+    let local = NodeFirmware {
+        node: Some(ctx.key),
+        labels: ctx.config.labels.clone(),
+        targets: ctx
+            .addrs
+            .firmware
+            .call(FirmwareMsg::Status, QUERY)
+            .await
+            .ok(),
+    };
+    let mut mesh = Vec::new();
+    if all {
+        let peers = ctx
+            .addrs
+            .peers
+            .call(PeersMsg::List, QUERY)
+            .await
+            .unwrap_or_default();
+        let asks = peers
+            .into_iter()
+            .filter(|p| p.state == PeerState::Alive)
+            .filter_map(|p| Some((p.peer_id.parse::<PeerId>().ok()?, p)))
+            .map(|(id, p)| async move {
+                let request = wire::encode(&PeerRequest::Firmware).expect("a static request");
+                let answer = tokio::time::timeout(QUERY, ctx.swarm.rpc(id, request)).await;
+                let targets = match answer {
+                    Ok(Ok(bytes)) => {
+                        match wire::decode::<PeerResponse>(&bytes, swarm::RPC_BYTES_MAX) {
+                            Ok(PeerResponse::Firmware(t)) => Some(t),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                NodeFirmware {
+                    node: p.node,
+                    labels: p.labels,
+                    targets,
+                }
+            });
+        mesh = futures::future::join_all(asks).await;
+    }
+    FirmwareInfo {
+        local,
+        mesh,
+        failures: ctx
+            .firmware_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect(),
+    }
+}
+
 async fn receive_content(
     ctx: &Ctx,
-    m: &mesh_actors::manifest::Manifest,
+    id: ContentId,
+    size: u64,
     recv: &mut mesh_transport::quinn::RecvStream,
 ) -> anyhow::Result<()> {
     let mut writer = ctx
         .store
-        .writer(m.content, m.size)
+        .writer(id, size)
         .context("preparing to store the content")?;
     let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
     let mut received = 0u64;
-    while received < m.size {
-        let want = ((m.size - received) as usize).min(buf.len());
+    while received < size {
+        let want = ((size - received) as usize).min(buf.len());
         let n = recv
             .read(&mut buf[..want])
             .await
             .context("receiving the content")?
             .unwrap_or(0);
         if n == 0 {
-            bail!(
-                "receiving the content: the stream ended after {received} of {} bytes",
-                m.size
-            );
+            bail!("receiving the content: the stream ended after {received} of {size} bytes");
         }
         writer.write(&buf[..n]).context("storing the content")?;
         received += n as u64;
@@ -909,10 +1060,7 @@ async fn receive_content(
         .unwrap_or(0)
         != 0
     {
-        bail!(
-            "receiving the content: more bytes than the manifest's size of {}",
-            m.size
-        );
+        bail!("receiving the content: more bytes than the declared size of {size}");
     }
     tokio::task::spawn_blocking(move || writer.finish())
         .await?

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use mesh_actors::firmware::{FirmwareFailure, TargetStatus};
 use mesh_actors::manifest::SignedManifest;
 use mesh_actors::peers::PeerView;
 use mesh_actors::sandbox::LogLine;
@@ -44,6 +45,16 @@ pub enum Request {
     Blob {
         id: ContentId,
     },
+    /// Store a blob the operator uploads (a firmware patch a release will name); its
+    /// `size` bytes follow the frame and must hash to `id`.
+    PutBlob {
+        id: ContentId,
+        size: u64,
+    },
+    /// The node's firmware targets (and, with `all`, those of its connected peers).
+    Firmware {
+        all: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,6 +73,12 @@ pub enum Response {
         complete: bool,
     },
     Blob(BlobState),
+    /// A blob was stored (or was already there).
+    Stored {
+        id: ContentId,
+        size: u64,
+    },
+    Firmware(FirmwareInfo),
     /// The request failed; the text says what was being attempted and why.
     Error(String),
 }
@@ -150,18 +167,47 @@ pub struct BlobState {
     pub have_bytes: u64,
 }
 
+/// One node's firmware targets.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeFirmware {
+    pub node: Option<PublicKey>,
+    pub labels: BTreeMap<String, String>,
+    /// `None` when the node did not answer (down, or too old to know the request).
+    pub targets: Option<Vec<TargetStatus>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FirmwareInfo {
+    pub local: NodeFirmware,
+    /// Connected peers, asked directly (only with `--all`).
+    pub mesh: Vec<NodeFirmware>,
+    /// Firmware failures reported by peers over gossip, oldest first (this node's own
+    /// are in its targets' records).
+    pub failures: Vec<FirmwareFailureInfo>,
+}
+
+/// A firmware failure and who reported it (a short node id).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FirmwareFailureInfo {
+    pub reporter: String,
+    pub report: FirmwareFailure,
+}
+
 /// Messages exchanged between nodes over the swarm's rpc protocol.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// "Which releases do you have?", asked on every new connection so a node that was
     /// down or partitioned catches up on what it missed.
     Releases,
+    /// "What do your firmware slots hold?", for `mesh firmware --all`.
+    Firmware,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
     /// Encoded signed manifests; each is checked like a gossiped one.
     Releases(Vec<Vec<u8>>),
+    Firmware(Vec<TargetStatus>),
 }
 
 /// Releases sent in one answer; more than this are found through gossip.

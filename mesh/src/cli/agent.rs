@@ -76,7 +76,14 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     if config.operators.is_empty() {
         tracing::warn!("no operator keys configured: no CLI can attach to this node");
     }
-    crate::node::run(config, shutdown_signal()).await
+    match crate::node::run(config, shutdown_signal()).await? {
+        crate::node::Exit::Shutdown => Ok(()),
+        crate::node::Exit::Restart(why) => {
+            // The launcher starts the active slot again when it sees this code.
+            tracing::warn!("exiting for the launcher to restart the agent: {why}");
+            std::process::exit(mesh_actors::firmware::RESTART_EXIT_CODE)
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -95,7 +102,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // The transport and runtime crates are chatty at info; a node's own log is what
         // an operator reads.

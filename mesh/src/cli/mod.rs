@@ -10,7 +10,9 @@ mod blob;
 pub mod client;
 mod demo;
 mod fetch;
+mod firmware;
 mod keygen;
+mod launcher;
 mod logs;
 mod modules;
 mod peers;
@@ -69,6 +71,11 @@ pub enum Command {
     Blob(blob::BlobArgs),
     /// Start a local mesh of three nodes and publish an example module to it.
     Demo(demo::DemoArgs),
+    /// Show firmware slots on the attached node (or, with --all, on every connected node).
+    Firmware(firmware::FirmwareArgs),
+    /// Run the agent from the active slot of its own firmware target, with boot counting
+    /// and fallback to the confirmed binary.
+    Launcher(launcher::LauncherArgs),
 }
 
 /// Runs a parsed command line.
@@ -85,6 +92,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch(args) => fetch::run(&cli, args).await,
         Command::Blob(args) => blob::run(&cli, args).await,
         Command::Demo(args) => demo::run(&cli, args).await,
+        Command::Firmware(args) => firmware::run(&cli, args).await,
+        Command::Launcher(args) => launcher::run(args).await,
     }
 }
 
