@@ -46,6 +46,9 @@ pub const INBOUND_PENDING_MAX: usize = 256;
 /// Concurrent request streams per connection and protocol.
 pub const STREAMS_PER_CONNECTION_MAX: usize = 64;
 
+/// How often kad looks for nodes again; a few small queries each time.
+const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(15);
+
 const BLOB_PROTOCOL: &str = "/mesh/blob/1";
 const RPC_PROTOCOL: &str = "/mesh/rpc/1";
 const KAD_PROTOCOL: &str = "/mesh/kad/1";
@@ -420,6 +423,10 @@ fn build_behaviour(
     );
     let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_cfg.set_query_timeout(Duration::from_secs(30));
+    // A node bootstraps kad on its first connection, when it may be the only node its
+    // bootstrap peer knows; asking again periodically finds the nodes that joined later
+    // (nodes started together behind one bootstrap peer would otherwise never meet).
+    kad_cfg.set_periodic_bootstrap_interval(Some(KAD_BOOTSTRAP_INTERVAL));
     let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_cfg);
     // Edge nodes often see only private or loopback addresses, which never become
     // "confirmed external", so kad would stay a client; every node serves the DHT.
