@@ -46,6 +46,9 @@ pub const INBOUND_PENDING_MAX: usize = 256;
 /// Concurrent request streams per connection and protocol.
 pub const STREAMS_PER_CONNECTION_MAX: usize = 64;
 
+/// A second connection to a peer whose first is older than this is a restarted peer,
+/// not two sides dialing each other at once.
+const STALE_CONNECTION_AGE: Duration = Duration::from_secs(10);
 /// How often kad looks for nodes again; a few small queries each time.
 const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -389,6 +392,7 @@ pub async fn spawn(
         redial,
         pending_blobs: HashMap::new(),
         banned: HashMap::new(),
+        connected_since: HashMap::new(),
         pending_rpcs: HashMap::new(),
         inbound: FuturesUnordered::new(),
         kad_bootstrapped: false,
@@ -478,6 +482,9 @@ struct Driver {
     redial: Redial,
     pending_blobs: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, RequestError>>>,
     banned: HashMap<PeerId, Instant>,
+    /// When the current run of connections to each peer began; one entry per
+    /// connected peer, removed when the last connection closes.
+    connected_since: HashMap<PeerId, Instant>,
     pending_rpcs: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RequestError>>>,
     inbound: FuturesUnordered<BoxFuture<'static, InboundReply>>,
     kad_bootstrapped: bool,
@@ -646,6 +653,21 @@ impl Driver {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                // A second connection to a peer whose first is old means the peer
+                // restarted with the same identity while we still hold the dead
+                // process's connection. Gossipsub tells a peer its subscriptions only on
+                // the first connection, so the new process would never learn ours:
+                // drop them all and let the redial make a fresh first connection.
+                let first_since = self.connected_since.get(&peer_id).copied();
+                if num_established.get() > 1
+                    && first_since.is_some_and(|t| now.duration_since(t) > STALE_CONNECTION_AGE)
+                {
+                    tracing::info!(peer = %peer_id, "peer reconnected while an old connection lingered; starting over");
+                    self.connected_since.remove(&peer_id);
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                self.connected_since.entry(peer_id).or_insert(now);
                 self.redial.on_connected(peer_id, &addr, now);
                 if endpoint.is_dialer() {
                     self.swarm
@@ -672,6 +694,7 @@ impl Driver {
             } => {
                 self.redial.on_disconnected(peer_id, num_established, now);
                 if num_established == 0 {
+                    self.connected_since.remove(&peer_id);
                     tracing::debug!(peer = %peer_id, cause = ?cause, "peer disconnected");
                     self.emit(NetEvent::PeerDisconnected { peer: peer_id });
                 }
