@@ -23,7 +23,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -804,21 +804,7 @@ pub enum Recovery {
 
 /// BLAKE3 and length of a file, read in pieces.
 pub fn hash_file(path: &Path) -> std::io::Result<(ContentId, u64)> {
-    let mut file = File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
-    let mut total = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((hasher.finalize().into(), total))
+    crate::delta::hash_reader(File::open(path)?)
 }
 
 /// The directory of a target's slots under a node's state directory.

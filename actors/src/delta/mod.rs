@@ -342,11 +342,19 @@ fn check_base(
 fn hash_file(file: &mut std::fs::File) -> std::io::Result<(ContentId, u64)> {
     use std::io::Seek;
     file.seek(std::io::SeekFrom::Start(0))?;
+    let hashed = hash_reader(&mut *file)?;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    Ok(hashed)
+}
+
+/// BLAKE3 and length of everything a reader yields, read in pieces (shared with the
+/// firmware slots, which hash whole slot images the same way).
+pub(crate) fn hash_reader(mut r: impl Read) -> std::io::Result<(ContentId, u64)> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; HASH_BUFFER_BYTES];
     let mut total = 0u64;
     loop {
-        let n = match file.read(&mut buf) {
+        let n = match r.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -355,7 +363,6 @@ fn hash_file(file: &mut std::fs::File) -> std::io::Result<(ContentId, u64)> {
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    file.seek(std::io::SeekFrom::Start(0))?;
     Ok((hasher.finalize().into(), total))
 }
 
