@@ -35,9 +35,12 @@ pub const PROVIDER_BLOBS_MAX: usize = 1024;
 pub const PROVIDERS_PER_BLOB_MAX: usize = 64;
 /// How often a download asks its peers again what they hold, and announces its own.
 pub const HAVE_INTERVAL: Duration = Duration::from_millis(500);
-/// How often a download gossips what it holds; shorter than the query interval, since
-/// peers choose what to ask the source for from these.
-pub const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a download gossips what it holds. Every node checks the signature of
+/// every copy of a gossip message it receives (several per message, one per mesh
+/// peer), which in a fleet downloading together cost more CPU than the transfers at
+/// 4 announcements a second; connected peers learn the same from the direct queries
+/// every `HAVE_INTERVAL`, so gossip only has to reach the rest of the mesh.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a download's progress is made durable.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// A download with no usable source for this long gives up (and is retried later by
@@ -383,6 +386,9 @@ async fn run(
         FuturesUnordered::new();
     let mut asked_have: HashMap<PeerId, Instant> = HashMap::new();
     let mut last_checkpoint = Instant::now();
+    // The checkpoint runs beside the download rather than stalling it while a second's
+    // worth of data is synced; at most one at a time.
+    let mut checkpointing: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_announce = Instant::now() - ANNOUNCE_INTERVAL;
     let mut last_progress = Instant::now();
     let mut announced_have = u64::MAX;
@@ -480,12 +486,11 @@ async fn run(
                 groups,
             });
         }
-        if now.duration_since(last_checkpoint) >= CHECKPOINT_INTERVAL {
+        if now.duration_since(last_checkpoint) >= CHECKPOINT_INTERVAL
+            && checkpointing.as_ref().is_none_or(|c| c.is_finished())
+        {
             last_checkpoint = now;
-            let p = partial.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || lock(&p).checkpoint()).await {
-                tracing::warn!(content = %id.short(), "checkpointing a download: {e}");
-            }
+            checkpointing = Some(start_checkpoint(id, partial));
         }
         if now.duration_since(last_announce) >= ANNOUNCE_INTERVAL
             && schedule.have_count() != announced_have
@@ -506,6 +511,10 @@ async fn run(
         }
     }
 
+    // Its files are about to be removed; a checkpoint still writing would bring them back.
+    if let Some(c) = checkpointing.take() {
+        let _ = c.await;
+    }
     let p = partial.clone();
     let store = ctx.store.clone();
     tokio::task::spawn_blocking(move || {
@@ -537,6 +546,23 @@ async fn run(
         elapsed: started.elapsed(),
         contributors: schedule.contributors(),
         requests: schedule.requests_sent(),
+    })
+}
+
+/// Starts a checkpoint of `partial` on a blocking thread. Only the snapshot is taken
+/// under the lock; the sync and the writes run without it, so receiving goes on.
+fn start_checkpoint(
+    id: ContentId,
+    partial: &Arc<Mutex<PartialBlob>>,
+) -> tokio::task::JoinHandle<()> {
+    let p = partial.clone();
+    tokio::task::spawn_blocking(move || {
+        let snapshot = lock(&p).begin_checkpoint();
+        let written = snapshot.and_then(|c| c.map_or(Ok(()), |c| c.write()));
+        if let Err(e) = written {
+            lock(&p).mark_dirty();
+            tracing::warn!(content = %id.short(), "checkpointing a download: {e}");
+        }
     })
 }
 

@@ -81,7 +81,12 @@ impl PeerState {
     fn holds(&self, g: u64) -> bool {
         match &self.ranges {
             None => true,
-            Some(r) => r.iter().any(|(s, e)| *s <= g && g < *e),
+            // The runs are sorted and disjoint; this runs for every group a poll looks
+            // at, for every peer, so it must not walk a long list of runs.
+            Some(r) => {
+                let i = r.partition_point(|(_, e)| *e <= g);
+                r.get(i).is_some_and(|(s, _)| *s <= g)
+            }
         }
     }
 
@@ -185,7 +190,16 @@ impl Schedule {
         let ranges = ranges.map(|mut r| {
             r.retain(|(s, e)| s < e);
             r.sort_unstable();
-            r
+            // A peer's runs may overlap or touch; merged, they are disjoint and sorted by
+            // both ends, which is what the lookup in `holds` relies on.
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+            for (s, e) in r {
+                match merged.last_mut() {
+                    Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                    _ => merged.push((s, e)),
+                }
+            }
+            merged
         });
         if let Some(p) = self.peers.get(&peer) {
             if p.ranges == ranges {
@@ -567,6 +581,32 @@ mod tests {
         for r in s.poll(t0) {
             assert!(r.start >= 10 && r.end <= 20, "{r:?}");
         }
+    }
+
+    #[test]
+    fn overlapping_and_unsorted_runs_from_a_peer_are_merged() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(50, |_| false, 0);
+        s.set_peer(
+            peer(1),
+            Some(vec![(30, 32), (12, 16), (10, 14), (16, 18), (40, 40)]),
+            t0,
+        );
+        let held = |g: u64| (10..18).contains(&g) || (30..32).contains(&g);
+        let mut asked = Vec::new();
+        for _ in 0..20 {
+            let now = t0;
+            for r in s.poll(now) {
+                for g in r.start..r.end {
+                    assert!(held(g), "asked for group {g} the peer does not hold: {r:?}");
+                    asked.push(g);
+                }
+                let got: Vec<u64> = (r.start..r.end).collect();
+                s.on_response(r.peer, r.start, &got, false, now);
+            }
+        }
+        asked.sort_unstable();
+        assert_eq!(asked, (10..18).chain(30..32).collect::<Vec<_>>());
     }
 
     #[test]

@@ -396,27 +396,48 @@ impl PartialBlob {
     /// Makes what was received durable: data first, then the outboard, then the bitmap,
     /// each atomically, so a checkpoint never claims a group whose data is not on disk.
     pub fn checkpoint(&mut self) -> Result<(), VerifiedError> {
-        if !self.dirty {
-            return Ok(());
+        match self.begin_checkpoint()? {
+            Some(c) => c.write(),
+            None => Ok(()),
         }
-        let (_, ob_path, meta_path) = Self::paths(&self.dir, &self.id);
-        self.data
-            .sync_data()
-            .map_err(io_err(format!("syncing {}", self.data_path.display())))?;
-        fsutil::write_atomic(&ob_path, &self.outboard.data, 0o644)
-            .map_err(io_err(format!("writing {}", ob_path.display())))?;
+    }
+
+    /// Takes what a checkpoint must write, cheaply, so the slow part (syncing the data
+    /// file, which may hold a second's worth of received groups) runs in
+    /// [`Checkpoint::write`] without holding the download's lock. Groups received after
+    /// this call are left for the next checkpoint. `None` when nothing changed.
+    pub fn begin_checkpoint(&mut self) -> Result<Option<Checkpoint>, VerifiedError> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        let (_, outboard_path, meta_path) = Self::paths(&self.dir, &self.id);
+        let data = self
+            .data
+            .try_clone()
+            .map_err(io_err(format!("opening {}", self.data_path.display())))?;
         let meta = PartialMeta {
             size: self.size,
             have: self.have.clone(),
         };
-        let bytes = wire::encode(&meta).map_err(|e| VerifiedError::Meta {
+        let meta = wire::encode(&meta).map_err(|e| VerifiedError::Meta {
             id: self.id,
             reason: e.to_string(),
         })?;
-        fsutil::write_atomic(&meta_path, &bytes, 0o644)
-            .map_err(io_err(format!("writing {}", meta_path.display())))?;
         self.dirty = false;
-        Ok(())
+        Ok(Some(Checkpoint {
+            data,
+            data_path: self.data_path.clone(),
+            outboard: self.outboard.data.clone(),
+            outboard_path,
+            meta,
+            meta_path,
+        }))
+    }
+
+    /// Marks the download as changed since its last checkpoint, so a checkpoint that
+    /// failed to write is tried again.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
     }
 
     /// Hands over the complete download: syncs the data and returns the data file's
@@ -439,6 +460,32 @@ impl PartialBlob {
                 }
             }
         }
+    }
+}
+
+/// A snapshot of a partial download's state, taken by [`PartialBlob::begin_checkpoint`].
+/// Every group it claims was written before the snapshot, so syncing the data file
+/// afterwards makes all of them durable before the bitmap that claims them is written.
+pub struct Checkpoint {
+    data: File,
+    data_path: PathBuf,
+    outboard: Vec<u8>,
+    outboard_path: PathBuf,
+    meta: Vec<u8>,
+    meta_path: PathBuf,
+}
+
+impl Checkpoint {
+    /// Writes the snapshot: data first, then the outboard, then the bitmap.
+    pub fn write(self) -> Result<(), VerifiedError> {
+        self.data
+            .sync_data()
+            .map_err(io_err(format!("syncing {}", self.data_path.display())))?;
+        fsutil::write_atomic(&self.outboard_path, &self.outboard, 0o644)
+            .map_err(io_err(format!("writing {}", self.outboard_path.display())))?;
+        fsutil::write_atomic(&self.meta_path, &self.meta, 0o644)
+            .map_err(io_err(format!("writing {}", self.meta_path.display())))?;
+        Ok(())
     }
 }
 
@@ -541,14 +588,20 @@ mod tests {
         assert!(r.bad.is_some() && r.groups.is_empty());
     }
 
+    /// A complete blob of `n` bytes (to encode from) and an empty directory `p` beside
+    /// it for the partial download.
+    fn partial_fixture(n: usize) -> (tempfile::TempDir, ContentId, u64, File, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = blob(n);
+        let (id, data, ob) = complete(dir.path(), &bytes);
+        fs::create_dir(dir.path().join("p")).unwrap();
+        (dir, id, n as u64, data, ob)
+    }
+
     #[test]
     fn checkpoint_resumes_and_revalidates() {
-        let dir = tempfile::tempdir().unwrap();
-        let bytes = blob(500_000);
-        let size = bytes.len() as u64;
-        let (id, data, ob) = complete(dir.path(), &bytes);
+        let (dir, id, size, data, ob) = partial_fixture(500_000);
         let pdir = dir.path().join("p");
-        fs::create_dir(&pdir).unwrap();
         {
             let mut p = PartialBlob::open(&pdir, id, size).unwrap();
             let e = encode_complete(&id, &data, size, &ob, 0, 20).unwrap();
@@ -573,6 +626,30 @@ mod tests {
         assert!(p.has_group(4) && p.has_group(6));
         PartialBlob::remove(&pdir, &id);
         assert_eq!(fs::read_dir(&pdir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_checkpoint_written_later_claims_only_its_snapshot() {
+        let (dir, id, size, data, ob) = partial_fixture(500_000);
+        let pdir = dir.path().join("p");
+        {
+            let mut p = PartialBlob::open(&pdir, id, size).unwrap();
+            let e = encode_complete(&id, &data, size, &ob, 0, 10).unwrap();
+            assert_eq!(p.receive(0, 10, &e).groups.len(), 10);
+            let snapshot = p.begin_checkpoint().unwrap().expect("something to write");
+            assert!(p.begin_checkpoint().unwrap().is_none(), "nothing new yet");
+            // Received while the snapshot is being written: left for the next one.
+            let e = encode_complete(&id, &data, size, &ob, 10, 15).unwrap();
+            p.receive(10, 15, &e);
+            snapshot.write().unwrap();
+        }
+        let mut p = PartialBlob::open(&pdir, id, size).unwrap();
+        assert_eq!(p.ranges(), vec![(0, 10)]);
+        let e = encode_complete(&id, &data, size, &ob, 10, 15).unwrap();
+        p.receive(10, 15, &e);
+        p.checkpoint().unwrap();
+        let p = PartialBlob::open(&pdir, id, size).unwrap();
+        assert_eq!(p.ranges(), vec![(0, 15)]);
     }
 
     #[test]

@@ -104,7 +104,8 @@ pub enum BlobRequest {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlobResponse {
-    Encoded(Vec<u8>),
+    /// Bulk data: a byte string on the wire, so it decodes in one copy.
+    Encoded(#[serde(with = "crate::wire::bytes")] Vec<u8>),
     /// The blob's size and the runs of groups held (`start..end`).
     Have {
         size: u64,

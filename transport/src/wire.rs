@@ -96,6 +96,46 @@ where
     decode(&buf, max)
 }
 
+/// Serde helpers for a `Vec<u8>` field that carries bulk data. Serde treats a plain
+/// `Vec<u8>` as a sequence and bincode then decodes it one element at a time; as a byte
+/// string it is one length and one copy. The two encodings are the same bytes on the
+/// wire, so a field can switch without a protocol change. Use with
+/// `#[serde(with = "mesh_transport::wire::bytes")]`.
+pub mod bytes {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            // Self-describing formats (JSON) hand bytes over as a sequence; the decoder's
+            // own size limit bounds how long it can be.
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +145,32 @@ mod tests {
     struct Msg {
         name: String,
         data: Vec<u8>,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Bulk {
+        #[serde(with = "super::bytes")]
+        data: Vec<u8>,
+    }
+
+    #[test]
+    fn bulk_bytes_are_the_same_on_the_wire_as_a_plain_vec() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let plain = encode(&Msg {
+            name: String::new(),
+            data: data.clone(),
+        })
+        .unwrap();
+        let bulk = encode(&Bulk { data: data.clone() }).unwrap();
+        // Msg has an empty string (one length byte) in front of the same field.
+        assert_eq!(&plain[1..], &bulk[..]);
+        let back: Bulk = decode(&plain[1..], FRAME_BYTES_MAX).unwrap();
+        assert_eq!(back.data, data);
+        let json = serde_json::to_string(&Bulk { data: vec![1, 2] }).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Bulk>(&json).unwrap().data,
+            vec![1, 2]
+        );
     }
 
     #[test]
