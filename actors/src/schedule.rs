@@ -278,11 +278,25 @@ impl Schedule {
     /// held by `peer`.
     fn next_free(&self, peer: &PeerId) -> Option<u64> {
         let p = &self.peers[peer];
-        let free = |g: &u64| self.is_wanted(*g) && !self.in_flight_at(*g) && p.holds(*g);
+        let free = |g: &u64| self.is_wanted(*g) && !self.in_flight_at(*g);
         let start = self.cursor.max(self.first_wanted);
+        // Only the groups the peer holds are walked: a partial holder's runs, not the
+        // whole blob, since this runs for every peer on every poll.
+        let held = |from: u64, to: u64| -> Vec<(u64, u64)> {
+            match &p.ranges {
+                None => vec![(from, to)],
+                Some(r) => r
+                    .iter()
+                    .map(|&(s, e)| (s.max(from), e.min(to)))
+                    .filter(|(s, e)| s < e)
+                    .collect(),
+            }
+        };
+        let mut runs = held(start, self.groups);
+        runs.extend(held(self.first_wanted, start));
         let scan = |pred: &dyn Fn(&u64) -> bool, limit: u64| {
-            (start..self.groups)
-                .chain(self.first_wanted..start)
+            runs.iter()
+                .flat_map(|&(s, e)| s..e)
                 .take(limit as usize)
                 .find(|g| pred(g))
         };
@@ -318,8 +332,13 @@ impl Schedule {
                 .unwrap_or(std::cmp::Ordering::Equal)
                 .then(a.cmp(b))
         });
-        loop {
-            let mut progressed = false;
+        // Near the end every wanted group is in flight; then no peer can be given a new
+        // run, and looking for one per peer would walk the blob for each.
+        let unassigned =
+            (self.first_wanted..self.groups).any(|g| self.is_wanted(g) && !self.in_flight_at(g));
+        let mut progressed = unassigned;
+        while progressed {
+            progressed = false;
             for peer in &order {
                 if self.in_flight.len() >= DOWNLOAD_IN_FLIGHT_MAX {
                     return out;
@@ -344,9 +363,6 @@ impl Schedule {
                 out.push(self.send(*peer, start, end, now));
                 self.cursor = if end >= self.groups { 0 } else { end };
                 progressed = true;
-            }
-            if !progressed {
-                break;
             }
         }
         self.endgame(now, &mut out);
