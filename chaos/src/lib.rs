@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod byzantine;
 pub mod faults;
+pub mod firmware;
 pub mod fleet;
 pub mod invariants;
 pub mod netns;

@@ -64,6 +64,8 @@ pub struct PublishRecord {
     pub via: usize,
     pub content: String,
     pub bytes: u64,
+    /// Firmware: the patches from earlier versions the release carries.
+    pub patches: usize,
     pub ok: bool,
     pub error: Option<String>,
 }
@@ -180,9 +182,13 @@ impl Report {
                 p.via,
                 if p.ok {
                     format!(
-                        "acknowledged ({} bytes, blake3 {})",
+                        "acknowledged ({} bytes, blake3 {}{})",
                         p.bytes,
-                        &p.content[..12.min(p.content.len())]
+                        &p.content[..12.min(p.content.len())],
+                        match p.patches {
+                            0 => String::new(),
+                            n => format!(", with {n} patch(es) from earlier versions"),
+                        }
                     )
                 } else {
                     format!("refused: {}", p.error.clone().unwrap_or_default())
