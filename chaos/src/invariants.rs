@@ -270,20 +270,75 @@ pub fn damaged_not_served(damaged: &[Damaged], logs: &[PathBuf]) -> InvariantRes
             Some(_) => failures.push((Some(d.node), d.probe_note.clone())),
             None => notes.push(format!("not probed: {}", d.probe_note)),
         }
-        let still = std::fs::read(&d.path)
-            .map(|b| ContentId::of(&b) != d.id)
-            .unwrap_or(false);
-        if still {
+    }
+    let mut r = result(
+        "damaged_not_served",
+        "a node never serves groups of a blob damaged on its disk that fail verification".into(),
+        failures,
+        logs,
+    );
+    r.details.extend(notes);
+    r
+}
+
+/// Whether the node a blob was damaged on holds it verified again; `None` when no
+/// other node holds it either, so there was nothing to repair it from.
+pub fn repaired(d: &Damaged, states: &[PathBuf]) -> Option<bool> {
+    let fixed = std::fs::read(&d.path).is_ok_and(|b| ContentId::of(&b) == d.id);
+    let elsewhere = states
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != d.node)
+        .any(|(_, s)| {
+            blob_files(s)
+                .iter()
+                .any(|(_, name)| *name == d.id.to_string())
+        });
+    (fixed || elsewhere).then_some(fixed)
+}
+
+/// Every blob the harness damaged was quarantined and fetched again: the node holds the
+/// verified blob once more (unless no other node held it to fetch from).
+pub fn damaged_repaired(
+    damaged: &[Damaged],
+    states: &[PathBuf],
+    logs: &[PathBuf],
+) -> InvariantResult {
+    if damaged.is_empty() {
+        return not_checked("damaged_repaired", "no blob was damaged in this run");
+    }
+    let mut failures = Vec::new();
+    let mut notes = Vec::new();
+    for d in damaged {
+        match repaired(d, states) {
+            Some(true) => {}
+            Some(false) => failures.push((
+                Some(d.node),
+                format!("blob {} is still damaged or missing", d.id.short()),
+            )),
+            None => notes.push(format!(
+                "node{}: blob {} was held by no other node, so it could not be fetched again",
+                d.node,
+                d.id.short()
+            )),
+        }
+        let quarantined = states
+            .get(d.node)
+            .is_some_and(|s| s.join("store/quarantine").join(d.id.to_string()).exists());
+        if quarantined {
             notes.push(format!(
-                "node{} still holds the damaged file of {} (nodes do not repair damaged blobs yet)",
+                "node{}: the damaged file of {} is in quarantine",
                 d.node,
                 d.id.short()
             ));
         }
     }
     let mut r = result(
-        "damaged_not_served",
-        "a node never serves groups of a blob damaged on its disk that fail verification".into(),
+        "damaged_repaired",
+        format!(
+            "every blob damaged on a node's disk ({}) is quarantined and fetched again: the node holds the verified blob once more",
+            damaged.len()
+        ),
         failures,
         logs,
     );

@@ -342,7 +342,13 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
             })
         });
         read_firmware(&run, &env, &mut fin);
+        let states: Vec<PathBuf> = env.fleet.nodes.iter().map(|n| n.state.clone()).collect();
+        let repaired = env
+            .damaged
+            .iter()
+            .all(|d| invariants::repaired(d, &states) != Some(false));
         let ok = releases_ok
+            && repaired
             && invariants::firmware(&fin, &fw_expect, &[]).status != Status::Failed
             && invariants::membership(&fin, &peer_ids, &[]).status == Status::Held
             && (expect.is_empty()
@@ -405,6 +411,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         invariants::acknowledged_not_lost(&fin, &run.publishes, &fw_expect, &logs),
         invariants::verified_storage(&states, &env.damaged, &logs),
         invariants::damaged_not_served(&env.damaged, &logs),
+        invariants::damaged_repaired(&env.damaged, &states, &logs),
         invariants::byzantine_rejected(byzantine_ran, &env.forged, &seen_lists, &states, &logs),
         invariants::modules(&fin, &expect, &run.held, &logs),
         invariants::rollbacks_recorded(&fin, &logs),

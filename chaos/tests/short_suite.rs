@@ -140,6 +140,7 @@ fn crash_looping_module() {
     let r = run("crash-looping-module", 1);
     held(&r, "modules");
     held(&r, "damaged_not_served");
+    held(&r, "damaged_repaired");
     some_rollback(&r);
 }
 
