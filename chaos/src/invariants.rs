@@ -55,7 +55,7 @@ pub fn excerpt(log: &Path) -> String {
     pick[pick.len().saturating_sub(EXCERPT_LINES)..].join("\n")
 }
 
-fn result(
+pub(crate) fn result(
     name: &str,
     statement: String,
     mut failures: Vec<(Option<usize>, String)>,

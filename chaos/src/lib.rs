@@ -18,6 +18,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod schedule;
+pub mod traffic;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -34,6 +34,8 @@ pub struct Report {
     pub byzantine: Vec<ByzantineStats>,
     pub damaged: Vec<Damaged>,
     pub timeline: Vec<VersionMark>,
+    /// Module message counters per node over the run (see `traffic.rs`).
+    pub traffic: Vec<crate::traffic::Sample>,
     pub passed: bool,
 }
 
@@ -53,6 +55,8 @@ pub struct FaultRecord {
     /// From the heal until every reachable node held everything acknowledged before
     /// the heal and saw every other reachable node alive.
     pub convergence_ms: Option<u64>,
+    /// Module messages delivered around the fault, when modules sent any.
+    pub traffic: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -164,6 +168,9 @@ impl Report {
                     let _ = write!(t, "; not converged before the next fault or the end");
                 }
                 None => {}
+            }
+            if let Some(tr) = &f.traffic {
+                let _ = write!(t, "; {tr}");
             }
             if let Some(e) = &f.error {
                 let _ = write!(t, "; ERROR: {e}");
@@ -483,6 +490,7 @@ mod tests {
                 skipped: None,
                 error: None,
                 convergence_ms: Some(500),
+                traffic: None,
             }],
             publishes: vec![],
             incidents: vec![],
@@ -506,6 +514,7 @@ mod tests {
                 name: "m".into(),
                 version: 1,
             }],
+            traffic: vec![],
             passed: false,
         };
         let svg = r.svg();

@@ -25,6 +25,7 @@ use crate::report::{
 };
 use crate::scenario::{FaultKind, Kind, Network, Scenario, RUN_NODES_MAX};
 use crate::schedule::{Action, Plan};
+use crate::traffic;
 
 /// How often every node is asked for its releases and peers during a run.
 const ROUND: Duration = Duration::from_secs(1);
@@ -41,6 +42,11 @@ const MARKS_MAX: usize = 20_000;
 /// Rounds between two checks of every node's firmware slots during the workload: each
 /// check hashes two images per node and target, cheap but not free on a small machine.
 const SLOT_CHECK_ROUNDS: u64 = 3;
+/// Rounds between two samples of every node's module counters during the workload.
+const TRAFFIC_SAMPLE_ROUNDS: u64 = 2;
+/// How long the fleet's module traffic is watched once it converged, for
+/// `messages_flow`: several ticks of every module.
+const TRAFFIC_WINDOW: Duration = Duration::from_secs(4);
 /// Slot violations seen during the workload that are kept; past this only the first
 /// ones matter.
 const SLOT_VIOLATIONS_MAX: usize = 100;
@@ -119,6 +125,8 @@ struct Run {
     slot_violations: Vec<(u64, usize, String)>,
     /// Workload rounds so far, to space out the slot checks.
     workload_rounds: u64,
+    /// Module message counters per node over time.
+    samples: Vec<traffic::Sample>,
 }
 
 impl Run {
@@ -296,6 +304,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         targets,
         slot_violations: Vec::new(),
         workload_rounds: 0,
+        samples: Vec::new(),
     };
 
     let result = workload(&mut run, &mut env, &plan).await;
@@ -368,6 +377,14 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         )),
         None => run.say(&format!("not converged within {} s", scenario.converge_s)),
     }
+    // Module traffic once the fleet settled: a few more ticks of every module.
+    let traffic_from = run.now_ms();
+    if convergence_ms.is_some() && run.samples.iter().any(|s| s.published > 0) {
+        tokio::time::sleep(TRAFFIC_WINDOW).await;
+        fin = snapshot(&mut run, &mut env, true).await;
+        read_firmware(&run, &env, &mut fin);
+    }
+    let traffic_to = run.now_ms();
     for n in 0..nodes {
         let mut holds = BTreeMap::new();
         for (name, (_, id)) in &acked {
@@ -417,6 +434,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         invariants::rollbacks_recorded(&fin, &logs),
         invariants::membership(&fin, &peer_ids, &logs),
         invariants::nodes_stay_up(&run.incidents, &logs),
+        traffic::messages_flow(&run.samples, nodes, (traffic_from, traffic_to), &logs),
         invariants::bootable_slot(&fin, &run.targets, &run.slot_violations, &logs),
         invariants::firmware(&fin, &fw_expect, &logs),
     ];
@@ -430,6 +448,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
             f.convergence_ms = convergence_after(&run, h);
         }
     }
+    traffic::annotate(&mut fault_records, &run.samples, nodes);
 
     let damaged = env.damaged.clone();
     let byzantine = env.byzantine_stats.clone();
@@ -461,6 +480,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         byzantine,
         damaged,
         timeline: run.marks.clone(),
+        traffic: run.samples.clone(),
         passed,
     };
     report.write(&out)?;
@@ -507,7 +527,9 @@ async fn workload(run: &mut Run, env: &mut Env, plan: &Plan) -> anyhow::Result<(
             continue;
         }
         if now >= next_round_ms {
-            let _ = snapshot(run, env, false).await;
+            let sample = run.scenario.releases.iter().any(|r| r.kind == Kind::Module)
+                && run.workload_rounds % TRAFFIC_SAMPLE_ROUNDS == 0;
+            let _ = snapshot(run, env, sample).await;
             run.workload_rounds += 1;
             if !run.targets.is_empty() && run.workload_rounds % SLOT_CHECK_ROUNDS == 0 {
                 check_slots_live(run, env);
@@ -561,6 +583,7 @@ async fn execute(run: &mut Run, env: &mut Env, action: &Action) {
                 skipped: env.unsupported(f.kind),
                 error: None,
                 convergence_ms: None,
+                traffic: None,
             };
             if rec.skipped.is_none() {
                 rec.start_ms = Some(run.now_ms());
@@ -827,6 +850,8 @@ async fn snapshot(run: &mut Run, env: &mut Env, modules: bool) -> Final {
         if modules {
             if let Some(Response::Modules(m)) = ask(env, i, &Request::Modules { all: false }).await
             {
+                let sample = traffic::Sample::of(run.now_ms(), i, &m);
+                traffic::push(&mut run.samples, sample);
                 fin.modules[i] = Some(m);
             }
         }

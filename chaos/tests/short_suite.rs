@@ -164,3 +164,20 @@ fn power_cut_during_install() {
     );
     some_rollback(&r);
 }
+
+#[test]
+fn module_traffic() {
+    let r = run("module-traffic", 1);
+    faults_ran(&r, "partition");
+    faults_ran(&r, "pause");
+    faults_ran(&r, "kill");
+    held(&r, "messages_flow");
+    held(&r, "modules");
+    assert!(
+        r.faults
+            .iter()
+            .all(|f| f.skipped.is_some() || f.traffic.is_some()),
+        "a fault has no traffic figure: {:?}",
+        r.faults
+    );
+}
