@@ -99,6 +99,19 @@ pub struct InvariantResult {
     pub excerpts: Vec<Excerpt>,
 }
 
+impl InvariantResult {
+    /// Notes that the check held only `delay_ms` after the fleet converged.
+    pub fn with_delay(mut self, delay_ms: u64) -> InvariantResult {
+        if delay_ms > 0 && self.status == Status::Held {
+            self.details.push(format!(
+                "held from {:.1} s after the fleet converged",
+                delay_ms as f64 / 1000.0
+            ));
+        }
+        self
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Excerpt {
     pub node: usize,

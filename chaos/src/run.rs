@@ -47,6 +47,9 @@ const TRAFFIC_SAMPLE_ROUNDS: u64 = 2;
 /// How long the fleet's module traffic is watched once it converged, for
 /// `messages_flow`: several ticks of every module.
 const TRAFFIC_WINDOW: Duration = Duration::from_secs(4);
+/// How long after convergence module messages may take to flow between every node
+/// again before `messages_flow` fails.
+const TRAFFIC_FLOW_BOUND: Duration = Duration::from_secs(30);
 /// Slot violations seen during the workload that are kept; past this only the first
 /// ones matter.
 const SLOT_VIOLATIONS_MAX: usize = 100;
@@ -377,14 +380,27 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         )),
         None => run.say(&format!("not converged within {} s", scenario.converge_s)),
     }
-    // Module traffic once the fleet settled: a few more ticks of every module.
-    let traffic_from = run.now_ms();
+    // Module traffic once the fleet settled: windows of a few ticks of every module,
+    // until every subscriber hears the others or the bound passes (gossip may take a
+    // few heartbeats to take a node that was away back into its mesh).
+    let settled_ms = run.now_ms();
+    let mut traffic_from = settled_ms;
+    let mut traffic_to = settled_ms;
     if convergence_ms.is_some() && run.samples.iter().any(|s| s.published > 0) {
-        tokio::time::sleep(TRAFFIC_WINDOW).await;
-        fin = snapshot(&mut run, &mut env, true).await;
-        read_firmware(&run, &env, &mut fin);
+        loop {
+            traffic_from = run.now_ms();
+            tokio::time::sleep(TRAFFIC_WINDOW).await;
+            fin = snapshot(&mut run, &mut env, true).await;
+            read_firmware(&run, &env, &mut fin);
+            traffic_to = run.now_ms();
+            let flow = traffic::messages_flow(&run.samples, nodes, (traffic_from, traffic_to), &[]);
+            if flow.status != Status::Failed
+                || traffic_to - settled_ms > TRAFFIC_FLOW_BOUND.as_millis() as u64
+            {
+                break;
+            }
+        }
     }
-    let traffic_to = run.now_ms();
     for n in 0..nodes {
         let mut holds = BTreeMap::new();
         for (name, (_, id)) in &acked {
@@ -434,7 +450,8 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         invariants::rollbacks_recorded(&fin, &logs),
         invariants::membership(&fin, &peer_ids, &logs),
         invariants::nodes_stay_up(&run.incidents, &logs),
-        traffic::messages_flow(&run.samples, nodes, (traffic_from, traffic_to), &logs),
+        traffic::messages_flow(&run.samples, nodes, (traffic_from, traffic_to), &logs)
+            .with_delay(traffic_from - settled_ms),
         invariants::bootable_slot(&fin, &run.targets, &run.slot_violations, &logs),
         invariants::firmware(&fin, &fw_expect, &logs),
     ];
