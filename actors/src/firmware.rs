@@ -993,6 +993,7 @@ impl FirmwareState {
         tokio::spawn(async move {
             let store = args.store.clone();
             let ran = tokio::task::spawn_blocking(move || {
+                let blob = patch.as_ref().map(|d| d.patch).unwrap_or(image.content);
                 let result = match &patch {
                     Some(d) => slots.install(
                         image,
@@ -1006,7 +1007,19 @@ impl FirmwareState {
                         slots.install(image, Source::Full(&path))
                     }
                 };
-                (slots, result.map(|_| ()).map_err(|e| e.to_string()))
+                let result = result.map(|_| ()).map_err(|e| {
+                    // A blob damaged on disk since it was fetched fails the install; the
+                    // store quarantines it when it re-hashes it, so the next attempt
+                    // fetches it again instead of installing the same bad bytes.
+                    match store.verify(&blob) {
+                        Err(crate::store::ReadError::Corrupt { .. }) => format!(
+                            "{e} (the stored {} was damaged on disk: quarantined, to be fetched again)",
+                            blob.short()
+                        ),
+                        _ => e.to_string(),
+                    }
+                });
+                (slots, result)
             })
             .await;
             finish_task(&args, &target, op, ran);

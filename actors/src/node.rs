@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use mesh_transport::libp2p::PeerId;
 use mesh_transport::swarm::{BlobRequest, BlobResponse, Responder, SwarmHandle};
+use mesh_transport::ContentId;
 
 use crate::bucket::TokenBucket;
 use crate::fetch::{FetchCtx, Transfers};
@@ -31,6 +32,18 @@ pub const PEERS_MAILBOX_MAX: usize = 4096;
 pub const RELEASES_MAILBOX_MAX: usize = 1024;
 /// Range requests waiting for the disk; beyond this peers are told `Busy`.
 pub const STORE_MAILBOX_MAX: usize = 256;
+/// How fast the background scrub re-hashes stored blobs: a 1 GiB store is checked
+/// about every four minutes, at a few percent of one core, leaving the disk to serving.
+pub const SCRUB_BYTES_PER_S: u64 = 4 * 1024 * 1024;
+/// How often the store actor scrubs a little and starts the repairs of damaged blobs.
+pub const SCRUB_TICK: Duration = Duration::from_secs(1);
+/// Repairs (downloads of quarantined blobs) running at once; the rest wait a tick.
+pub const REPAIRS_CONCURRENT_MAX: usize = 2;
+/// Attempts to fetch a damaged blob again before it is left to the releases that name
+/// it (no peer may hold it any more).
+pub const REPAIR_ATTEMPTS_MAX: u32 = 5;
+/// Wait between two attempts to fetch a damaged blob again.
+pub const REPAIR_RETRY: Duration = Duration::from_secs(10);
 
 /// A handle to a child actor that survives the child's restarts.
 pub struct Addr<M>(Arc<RwLock<Option<BoundedRef<M>>>>);
@@ -88,6 +101,16 @@ pub enum StoreMsg {
     },
     /// A serve task finished (frees the peer's slot).
     Served { peer: PeerId },
+    /// Scrub a little, and start repairs of quarantined blobs (every [`SCRUB_TICK`]).
+    Tick,
+    /// The scrub finished checking a blob.
+    Scrubbed,
+    /// A repair download ended.
+    Repaired {
+        id: ContentId,
+        size: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// What the store actor needs.
@@ -98,12 +121,48 @@ pub struct StoreArgs {
     /// The node's upload cap; `None` is unlimited.
     pub upload_limit: Option<Arc<Mutex<TokenBucket>>>,
     pub myself: Addr<StoreMsg>,
+    /// For fetching damaged blobs again.
+    pub fetch: FetchCtx,
 }
 
 pub struct StoreState {
     args: StoreArgs,
     serving: Arc<tokio::sync::Semaphore>,
     per_peer: HashMap<PeerId, usize>,
+    /// The scrub's place in its walk over the store, and its byte allowance.
+    scrub: ScrubState,
+    /// Damaged blobs to fetch again: (id, size, attempts so far, not before).
+    repairs: Vec<(ContentId, u64, u32, Instant)>,
+    /// Repairs whose download runs.
+    repairing: usize,
+}
+
+/// The background scrub, pure: each tick earns [`SCRUB_BYTES_PER_S`] worth of
+/// allowance, and the next blob is checked once the allowance covers it.
+#[derive(Debug, Default)]
+pub struct ScrubState {
+    cursor: Option<ContentId>,
+    credit: u64,
+    busy: bool,
+}
+
+impl ScrubState {
+    /// Earns `elapsed`'s allowance; returns whether a blob of `next_size` may be checked
+    /// now (and spends it). The allowance is capped at what the next blob needs, so an
+    /// idle scrub does not save up for a burst.
+    pub fn earn_and_spend(&mut self, elapsed: Duration, next_size: u64) -> bool {
+        if self.busy {
+            return false;
+        }
+        let earned = (SCRUB_BYTES_PER_S as f64 * elapsed.as_secs_f64()) as u64;
+        self.credit = self.credit.saturating_add(earned).min(next_size.max(1));
+        if self.credit >= next_size {
+            self.credit -= next_size;
+            self.busy = true;
+            return true;
+        }
+        false
+    }
 }
 
 /// Serves blob groups (from complete blobs and from downloads in progress) and
@@ -120,12 +179,27 @@ impl Actor for StoreActor {
         myself: ActorRef<Self::Msg>,
         args: StoreArgs,
     ) -> Result<StoreState, ActorProcessingErr> {
-        args.myself
-            .set(Some(BoundedRef::new(myself, STORE_MAILBOX_MAX)));
+        let me = BoundedRef::new(myself, STORE_MAILBOX_MAX);
+        args.myself.set(Some(me.clone()));
+        // The tick task holds this actor's own handle, so it ends with the actor (a
+        // restarted store actor starts its own).
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(SCRUB_TICK);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if me.try_send(StoreMsg::Tick) == Err(MailboxError::Gone) {
+                    return;
+                }
+            }
+        });
         Ok(StoreState {
             args,
             serving: Arc::new(tokio::sync::Semaphore::new(SERVES_CONCURRENT_MAX)),
             per_peer: HashMap::new(),
+            scrub: ScrubState::default(),
+            repairs: Vec::new(),
+            repairing: 0,
         })
     }
 
@@ -136,6 +210,33 @@ impl Actor for StoreActor {
         state: &mut StoreState,
     ) -> Result<(), ActorProcessingErr> {
         match envelope.msg {
+            StoreMsg::Tick => state.tick(),
+            StoreMsg::Scrubbed => state.scrub.busy = false,
+            StoreMsg::Repaired { id, size, result } => {
+                state.repairing = state.repairing.saturating_sub(1);
+                match result {
+                    Ok(()) => {
+                        tracing::info!(blob = %id.short(), size, "damaged blob repaired from peers")
+                    }
+                    Err(e) => {
+                        let attempts = state
+                            .repairs
+                            .iter()
+                            .find(|r| r.0 == id)
+                            .map(|r| r.2)
+                            .unwrap_or(REPAIR_ATTEMPTS_MAX);
+                        if attempts < REPAIR_ATTEMPTS_MAX {
+                            tracing::warn!(blob = %id.short(), attempts, "fetching a damaged blob again: {e}; trying later");
+                        } else {
+                            tracing::error!(blob = %id.short(), attempts, "giving up fetching a damaged blob again: {e}");
+                        }
+                    }
+                }
+                let done = state.args.store.has(&id);
+                state
+                    .repairs
+                    .retain(|r| r.0 != id || (!done && r.2 < REPAIR_ATTEMPTS_MAX));
+            }
             StoreMsg::Served { peer } => {
                 if let Some(n) = state.per_peer.get_mut(&peer) {
                     *n = n.saturating_sub(1);
@@ -185,6 +286,54 @@ impl Actor for StoreActor {
             }
         }
         Ok(())
+    }
+}
+
+impl StoreState {
+    /// One scrub step within its allowance, and the repairs that are due.
+    fn tick(&mut self) {
+        let store = self.args.store.clone();
+        let now = Instant::now();
+        for (id, size) in store.take_damaged() {
+            if !self.repairs.iter().any(|r| r.0 == id) {
+                self.repairs.push((id, size, 0, now));
+            }
+        }
+        for r in self.repairs.iter_mut() {
+            if self.repairing >= REPAIRS_CONCURRENT_MAX {
+                break;
+            }
+            if r.3 > now || r.2 >= REPAIR_ATTEMPTS_MAX || store.has(&r.0) {
+                continue;
+            }
+            r.2 += 1;
+            r.3 = now + REPAIR_RETRY;
+            self.repairing += 1;
+            let (id, size) = (r.0, r.1);
+            let fetch = self.args.fetch.clone();
+            let myself = self.args.myself.clone();
+            tokio::spawn(async move {
+                let label = format!("repair of damaged blob {}", id.short());
+                let result = crate::fetch::download(&fetch, id, size, &label, &[])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = myself.try_send(StoreMsg::Repaired { id, size, result });
+            });
+        }
+        let Some((id, size)) = store.next_blob(self.scrub.cursor.as_ref()) else {
+            return;
+        };
+        if !self.scrub.earn_and_spend(SCRUB_TICK, size) {
+            return;
+        }
+        self.scrub.cursor = Some(id);
+        let myself = self.args.myself.clone();
+        tokio::spawn(async move {
+            // A damaged blob is quarantined and queued for repair by `verify` itself.
+            let _ = tokio::task::spawn_blocking(move || store.verify(&id)).await;
+            let _ = myself.try_send(StoreMsg::Scrubbed);
+        });
     }
 }
 
@@ -260,9 +409,14 @@ fn serve_complete(
             BlobResponse::Invalid(format!("groups {start}..{end} are not a valid request"))
         }
         Err(e) => {
-            // Validated encoding found the blob damaged on disk: say nothing rather
-            // than send bad data, and leave it to the store's readers to notice.
+            // Validated encoding found the blob or its outboard damaged on disk: say
+            // nothing rather than send bad data. Re-hashing the whole blob tells which:
+            // a damaged blob is quarantined and fetched again, a damaged outboard is
+            // dropped and computed again on the next request.
             tracing::error!(content = %id.short(), "refusing to serve a damaged blob: {e}");
+            if store.verify(id).is_ok() {
+                store.drop_outboard(id);
+            }
             BlobResponse::NotFound
         }
     }
@@ -291,6 +445,17 @@ pub struct NodeArgs {
     pub addrs: NodeAddrs,
     /// Firmware targets, and what outlives a restart of the firmware actor.
     pub firmware: FirmwareSetup,
+}
+
+impl NodeArgs {
+    fn fetch_ctx(&self) -> FetchCtx {
+        FetchCtx {
+            swarm: self.swarm.clone(),
+            store: self.store.clone(),
+            transfers: self.transfers.clone(),
+            download_limit: self.download_limit.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -349,6 +514,7 @@ async fn spawn_child(
                 transfers: args.transfers.clone(),
                 upload_limit: args.upload_limit.clone(),
                 myself: a.store.clone(),
+                fetch: args.fetch_ctx(),
             };
             let (r, _) = Actor::spawn_linked(None, StoreActor, store_args, me).await?;
             r.get_cell()
@@ -370,12 +536,7 @@ async fn spawn_child(
                 policy: args.policy.clone(),
                 store: args.store.clone(),
                 swarm: args.swarm.clone(),
-                fetch: FetchCtx {
-                    swarm: args.swarm.clone(),
-                    store: args.store.clone(),
-                    transfers: args.transfers.clone(),
-                    download_limit: args.download_limit.clone(),
-                },
+                fetch: args.fetch_ctx(),
                 sandbox: a.sandbox.clone(),
                 peers: a.peers.clone(),
                 firmware: a.firmware.clone(),
@@ -390,12 +551,7 @@ async fn spawn_child(
             let firmware_args = FirmwareArgs {
                 config: args.firmware.config.clone(),
                 store: args.store.clone(),
-                fetch: FetchCtx {
-                    swarm: args.swarm.clone(),
-                    store: args.store.clone(),
-                    transfers: args.transfers.clone(),
-                    download_limit: args.download_limit.clone(),
-                },
+                fetch: args.fetch_ctx(),
                 swarm: args.swarm.clone(),
                 bytes_max: args.policy.firmware_bytes_max,
                 shared: args.firmware.shared.clone(),
@@ -505,5 +661,26 @@ impl NodeSupervisor {
             Child::Sandbox => a.sandbox.set(None),
             Child::Firmware => a.firmware.set(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scrub_checks_a_blob_once_its_allowance_covers_it_and_saves_no_more() {
+        let mut s = ScrubState::default();
+        let big = 3 * SCRUB_BYTES_PER_S;
+        assert!(!s.earn_and_spend(SCRUB_TICK, big));
+        assert!(!s.earn_and_spend(SCRUB_TICK, big));
+        assert!(s.earn_and_spend(SCRUB_TICK, big));
+        // One at a time: nothing while a check runs.
+        assert!(!s.earn_and_spend(Duration::from_secs(100), 1));
+        s.busy = false;
+        // A long idle spell earns only what the next blob needs.
+        assert!(s.earn_and_spend(Duration::from_secs(1000), 10));
+        s.busy = false;
+        assert!(!s.earn_and_spend(Duration::ZERO, 10));
     }
 }

@@ -909,6 +909,20 @@ impl SlotStore {
         decode_record(&bytes).map_err(|detail| OpenError::Corrupt { path, detail })
     }
 
+    /// Reads a record and checks it against the slot files, as [`SlotStore::check`]
+    /// does, without repairing anything: for a process that only watches (the chaos
+    /// harness checks every node's slots this way while the node runs).
+    pub fn load_checked(dir: &Path) -> Result<SlotRecord, String> {
+        let record = Self::load(dir).map_err(|e| e.to_string())?;
+        let store = SlotStore {
+            dir: dir.to_path_buf(),
+            record,
+            mode: STATE_FILE_MODE,
+        };
+        store.check()?;
+        Ok(store.record)
+    }
+
     /// Opens a target's record and finishes or abandons an install that a crash
     /// interrupted (see [`Recovery`]).
     pub fn open(dir: &Path, mode: u32) -> Result<(SlotStore, Recovery), OpenError> {

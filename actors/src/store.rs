@@ -35,6 +35,13 @@ pub const RANGE_BYTES_MAX: u64 = 1 << 20;
 const BLOB_FILE_MODE: u32 = 0o644;
 /// The prefix `fsutil::temp_path` gives temp files; any left at open are from a crash.
 const TEMP_PREFIX: &str = ".tmp-";
+/// Damaged blob files kept in `quarantine/` for a person to look at; older ones are
+/// deleted, so repeated damage cannot fill the disk.
+pub const QUARANTINE_KEPT_MAX: usize = 8;
+/// Quarantined blobs waiting to be fetched again; past this the oldest are dropped
+/// (the scrub finds them missing from nowhere, but their releases still name them and
+/// a later fetch brings them back).
+pub const DAMAGED_QUEUE_MAX: usize = 256;
 
 /// Release records: key `"<kind>/<name>"`, value `SignedManifest::encode()` bytes.
 const CURRENT: TableDefinition<&str, &[u8]> = TableDefinition::new("releases_current");
@@ -156,6 +163,10 @@ struct Blobs {
     outboards_dir: PathBuf,
     /// Resumable downloads (`verified::PartialBlob`), kept across restarts.
     downloads_dir: PathBuf,
+    /// Blob files that failed verification, moved out of `blobs/`.
+    quarantine_dir: PathBuf,
+    /// Quarantined blobs (id, size) that the node has not fetched again yet.
+    damaged: Mutex<Vec<(ContentId, u64)>>,
     /// Total bytes of complete blobs and downloads the store may hold.
     bytes_max: AtomicU64,
     /// Size of every complete blob, by id.
@@ -207,12 +218,14 @@ impl ContentStore {
         let partial_dir = dir.join("partial");
         let outboards_dir = dir.join("outboards");
         let downloads_dir = dir.join("downloads");
+        let quarantine_dir = dir.join("quarantine");
         for path in [
             dir,
             &blobs_dir,
             &partial_dir,
             &outboards_dir,
             &downloads_dir,
+            &quarantine_dir,
         ] {
             fs::create_dir_all(path).map_err(|source| StoreOpenError::CreateDir {
                 path: path.to_path_buf(),
@@ -298,6 +311,8 @@ impl ContentStore {
                 partial_dir,
                 outboards_dir,
                 downloads_dir,
+                quarantine_dir,
+                damaged: Mutex::new(Vec::new()),
                 bytes_max: AtomicU64::new(u64::MAX),
                 index: Mutex::new(index),
             }),
@@ -675,10 +690,115 @@ impl ContentStore {
     }
 
     fn corrupt(&self, id: &ContentId, detail: String) -> ReadError {
-        tracing::warn!(blob = %id, %detail, "blob file is corrupt");
+        self.quarantine(id, &detail);
         ReadError::Corrupt {
             what: format!("blob {id}"),
             detail,
+        }
+    }
+
+    /// Re-hashes a complete blob file, streaming. A file that no longer matches its id
+    /// is quarantined (see [`ContentStore::quarantine`]) and reported as
+    /// [`ReadError::Corrupt`].
+    pub fn verify(&self, id: &ContentId) -> Result<(), ReadError> {
+        let file = self.open_blob(id)?;
+        let (actual, _) = crate::delta::hash_reader(file).map_err(|source| ReadError::Io {
+            action: format!("verifying blob {id}"),
+            source,
+        })?;
+        if actual != *id {
+            return Err(self.corrupt(id, format!("the file now hashes to {actual}")));
+        }
+        Ok(())
+    }
+
+    /// Takes a blob that failed verification out of service: its file moves to
+    /// `quarantine/` (never served, installed or run again), its outboard goes, and it
+    /// joins the queue of blobs to fetch again, keeping its verified groups when it had
+    /// an outboard to check them with. Returns whether the blob was in the store.
+    pub fn quarantine(&self, id: &ContentId, why: &str) -> bool {
+        let Some(size) = self.blobs.index().remove(id) else {
+            return false;
+        };
+        let path = self.blobs.blob_path(id);
+        let ob_path = self.blobs.outboards_dir.join(id.to_string());
+        let outboard = fs::read(&ob_path).ok();
+        let _ = fs::remove_file(&ob_path);
+        let kept = self.blobs.quarantine_dir.join(id.to_string());
+        let moved =
+            fs::rename(&path, &kept).and_then(|_| fsutil::sync_dir(&self.blobs.shard_dir(id)));
+        if let Err(e) = &moved {
+            // The file must not stay where it would be served: remove it instead.
+            tracing::warn!(blob = %id, "moving a damaged blob to quarantine: {e}; removing it");
+            let _ = fs::remove_file(&path);
+        }
+        let salvaged = match (&moved, outboard) {
+            (Ok(()), Some(ob)) => crate::verified::PartialBlob::salvage(
+                &self.blobs.downloads_dir,
+                *id,
+                size,
+                &kept,
+                &ob,
+            )
+            .map_err(|e| tracing::warn!(blob = %id, "salvaging the verified parts of a damaged blob: {e}"))
+            .is_ok(),
+            _ => false,
+        };
+        tracing::error!(blob = %id, size, %why, salvaged, "blob failed verification: quarantined, to be fetched again");
+        self.prune_quarantine();
+        let mut queue = self.blobs.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        if !queue.iter().any(|(d, _)| d == id) {
+            if queue.len() >= DAMAGED_QUEUE_MAX {
+                queue.remove(0);
+            }
+            queue.push((*id, size));
+        }
+        true
+    }
+
+    /// Forgets a blob's outboard (it failed to prove a blob that itself verifies); the
+    /// next request computes it again.
+    pub fn drop_outboard(&self, id: &ContentId) {
+        let _ = fs::remove_file(self.blobs.outboards_dir.join(id.to_string()));
+    }
+
+    /// The quarantined blobs not yet handed out for fetching again (id, size).
+    pub fn take_damaged(&self) -> Vec<(ContentId, u64)> {
+        std::mem::take(&mut *self.blobs.damaged.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The complete blob after `after` in id order (the first one when `after` is
+    /// `None` or the last), with its size: the scrub's walk over the store.
+    pub fn next_blob(&self, after: Option<&ContentId>) -> Option<(ContentId, u64)> {
+        let index = self.blobs.index();
+        let next = index
+            .iter()
+            .filter(|(id, _)| after.is_none_or(|a| id.0 > a.0))
+            .min_by_key(|(id, _)| id.0);
+        match next {
+            Some((id, size)) => Some((*id, *size)),
+            None => index
+                .iter()
+                .min_by_key(|(id, _)| id.0)
+                .map(|(id, s)| (*id, *s)),
+        }
+    }
+
+    /// Keeps the newest [`QUARANTINE_KEPT_MAX`] quarantined files.
+    fn prune_quarantine(&self) {
+        let Ok(entries) = fs::read_dir(&self.blobs.quarantine_dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if files.len() <= QUARANTINE_KEPT_MAX {
+            return;
+        }
+        files.sort();
+        for (_, path) in &files[..files.len() - QUARANTINE_KEPT_MAX] {
+            let _ = fs::remove_file(path);
         }
     }
 }
@@ -966,7 +1086,7 @@ mod tests {
         assert!(matches!(w.write(b"x"), Err(PutError::Abandoned { .. })));
         assert!(matches!(w.finish(), Err(PutError::Abandoned { .. })));
         assert!(!store.has(&id));
-        assert!(blob_files(dir.path()).is_empty());
+        assert!(!store.blob_path(&id).exists());
         assert!(matches!(
             store.writer(id, BLOB_BYTES_MAX + 1),
             Err(PutError::TooLarge { .. })
@@ -1027,6 +1147,81 @@ mod tests {
             Err(ReadError::Corrupt { what, .. }) => assert!(what.contains(&id.to_string())),
             other => panic!("expected corruption, got {other:?}"),
         }
+        // Quarantined: out of the store, kept aside, queued to be fetched again.
+        assert!(!store.has(&id));
+        assert!(!store.blob_path(&id).exists());
+        assert_eq!(
+            fs::read(dir.path().join("quarantine").join(id.to_string())).unwrap(),
+            on_disk
+        );
+        assert_eq!(store.take_damaged(), vec![(id, 1000)]);
+        assert!(store.take_damaged().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_blob_keeps_its_verified_groups_for_the_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let size = 10 * crate::verified::GROUP_BYTES + 123;
+        let bytes = data(size as usize);
+        let id = ContentId::of(&bytes);
+        store.put(&id, &bytes).unwrap();
+        // Serving computes the outboard; the damage comes later, in group 3.
+        store.outboard_path(&id).unwrap();
+        store.verify(&id).unwrap();
+        let path = store.blob_path(&id);
+        let mut on_disk = fs::read(&path).unwrap();
+        on_disk[(3 * crate::verified::GROUP_BYTES + 7) as usize] ^= 1;
+        fs::write(&path, &on_disk).unwrap();
+        assert!(matches!(store.verify(&id), Err(ReadError::Corrupt { .. })));
+        assert!(!store.has(&id));
+        assert_eq!(store.take_damaged(), vec![(id, size)]);
+        let partial = crate::verified::PartialBlob::open(store.downloads_dir(), id, size).unwrap();
+        let groups = crate::verified::groups_of(size);
+        assert_eq!(partial.have_groups(), groups - 1);
+        assert!(!partial.has_group(3));
+        assert!(partial.has_group(2) && partial.has_group(groups - 1));
+    }
+
+    #[test]
+    fn quarantine_keeps_only_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        for i in 0..QUARANTINE_KEPT_MAX + 3 {
+            let bytes = data(100 + i);
+            let id = ContentId::of(&bytes);
+            store.put(&id, &bytes).unwrap();
+            assert!(store.quarantine(&id, "test"));
+            assert!(!store.quarantine(&id, "twice"));
+        }
+        let kept = fs::read_dir(dir.path().join("quarantine")).unwrap().count();
+        assert_eq!(kept, QUARANTINE_KEPT_MAX);
+        assert_eq!(store.take_damaged().len(), QUARANTINE_KEPT_MAX + 3);
+    }
+
+    #[test]
+    fn next_blob_walks_every_blob_in_order_and_wraps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        assert_eq!(store.next_blob(None), None);
+        let mut ids: Vec<ContentId> = (0..5)
+            .map(|i| {
+                let b = data(10 + i);
+                let id = ContentId::of(&b);
+                store.put(&id, &b).unwrap();
+                id
+            })
+            .collect();
+        ids.sort_by_key(|i| i.0);
+        let mut cursor = None;
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let (id, _) = store.next_blob(cursor.as_ref()).unwrap();
+            seen.push(id);
+            cursor = Some(id);
+        }
+        assert_eq!(&seen[..5], &ids[..]);
+        assert_eq!(seen[5], ids[0]);
     }
 
     #[test]

@@ -194,6 +194,45 @@ impl PartialBlob {
         )
     }
 
+    /// Turns a complete blob file that failed verification into a download to resume:
+    /// a copy of its data, its outboard (computed when the blob was whole), and a
+    /// checkpoint claiming every group. [`PartialBlob::open`] re-verifies each claimed
+    /// group against the outboard, so only the damaged groups are fetched again.
+    pub fn salvage(
+        dir: &Path,
+        id: ContentId,
+        size: u64,
+        damaged: &Path,
+        outboard: &[u8],
+    ) -> Result<(), VerifiedError> {
+        let (data_path, ob_path, meta_path) = Self::paths(dir, &id);
+        if outboard.len() as u64 != tree_of(size).outboard_size() {
+            return Err(VerifiedError::Meta {
+                id,
+                reason: "the outboard does not fit the blob's size".into(),
+            });
+        }
+        let groups = groups_of(size);
+        let mut have = vec![u64::MAX; groups.div_ceil(64) as usize];
+        if groups % 64 != 0 {
+            if let Some(last) = have.last_mut() {
+                *last = (1u64 << (groups % 64)) - 1;
+            }
+        }
+        let meta = wire::encode(&PartialMeta { size, have }).map_err(|e| VerifiedError::Meta {
+            id,
+            reason: e.to_string(),
+        })?;
+        // Data first, then the outboard, then the claim, as a checkpoint is written.
+        fs::copy(damaged, &data_path)
+            .map_err(io_err(format!("copying {} for salvage", damaged.display())))?;
+        fsutil::write_atomic(&ob_path, outboard, 0o644)
+            .map_err(io_err(format!("writing {}", ob_path.display())))?;
+        fsutil::write_atomic(&meta_path, &meta, 0o644)
+            .map_err(io_err(format!("writing {}", meta_path.display())))?;
+        Ok(())
+    }
+
     /// Opens the partial download of `id` in `dir`, resuming what a checkpoint recorded
     /// (after re-verifying it against the outboard), or starting empty.
     pub fn open(dir: &Path, id: ContentId, size: u64) -> Result<PartialBlob, VerifiedError> {

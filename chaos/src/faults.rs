@@ -23,6 +23,7 @@ use crate::netns::NetLab;
 use crate::registry::Registry;
 use crate::scenario::FaultKind;
 use crate::schedule::Fault;
+use mesh_actors::slots::{Step, FAULT_ONCE_ENV, FAULT_POINT_ENV};
 
 /// Where Debian's libfaketime lives.
 pub const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
@@ -110,6 +111,23 @@ pub struct Env {
     pub damaged: Vec<Damaged>,
     /// Faults started and not yet healed.
     pub active: BTreeMap<u32, Fault>,
+    /// Per node, the power cut it is armed with and has not reached yet.
+    pub armed: BTreeMap<usize, Armed>,
+}
+
+/// A node restarted to abort at a firmware step (a power cut), once.
+#[derive(Clone, Debug)]
+pub struct Armed {
+    pub fault: u32,
+    pub step: Step,
+    /// `MESH_FAULT_ONCE`: the node leaves a marker here when it cuts.
+    pub marker_dir: PathBuf,
+}
+
+impl Armed {
+    fn fired(&self) -> bool {
+        self.marker_dir.join(self.step.name()).exists()
+    }
 }
 
 impl Env {
@@ -139,6 +157,7 @@ impl Env {
             forged: Vec::new(),
             damaged: Vec::new(),
             active: BTreeMap::new(),
+            armed: BTreeMap::new(),
         }
     }
 
@@ -193,7 +212,14 @@ impl Env {
                     };
                     self.fleet.kill9(*n).await;
                     self.states[*n] = NodeState::Killed;
-                    done.push(format!("kill -9 {}{transfers}", node_name(*n)));
+                    // And where its firmware stood, read from its disk after the kill.
+                    let fw = crate::firmware::phases(&self.fleet.nodes[*n].state);
+                    let fw = if fw.is_empty() {
+                        fw
+                    } else {
+                        format!(", firmware {fw}")
+                    };
+                    done.push(format!("kill -9 {}{transfers}{fw}", node_name(*n)));
                 }
                 done.join("; ")
             }
@@ -291,6 +317,50 @@ impl Env {
                 );
                 self.byzantine = Some(byz);
                 detail
+            }
+            FaultKind::PowerCut => {
+                let mut done = Vec::new();
+                for n in &f.nodes {
+                    let step = crate::firmware::CUT_STEPS
+                        [rng.gen_range(0..crate::firmware::CUT_STEPS.len())];
+                    let marker_dir = self.fleet.dir.join(format!("power-cut-{}-node{n}", f.id));
+                    std::fs::create_dir_all(&marker_dir)
+                        .with_context(|| format!("creating {}", marker_dir.display()))?;
+                    let mut options = self.base[*n].clone();
+                    options.env.extend([
+                        (FAULT_POINT_ENV.to_string(), step.name().to_string()),
+                        (FAULT_ONCE_ENV.to_string(), marker_dir.display().to_string()),
+                    ]);
+                    let armed = Armed {
+                        fault: f.id,
+                        step,
+                        marker_dir,
+                    };
+                    // Armed before the restart: a node whose image is on trial boots it
+                    // as it starts, and may lose power right there.
+                    self.armed.insert(*n, armed.clone());
+                    // The restart is itself a cut at whatever moment this is.
+                    if let Err(e) = self.fleet.restart(*n, Some(options)).await {
+                        self.armed.remove(n);
+                        if !armed.fired() {
+                            return Err(e);
+                        }
+                        let base = self.base[*n].clone();
+                        self.fleet.restart(*n, Some(base)).await?;
+                        done.push(format!(
+                            "{} lost power at firmware step {} as it started, and restarted",
+                            node_name(*n),
+                            step.name()
+                        ));
+                        continue;
+                    }
+                    done.push(format!(
+                        "{} restarted to lose power at firmware step {}",
+                        node_name(*n),
+                        step.name()
+                    ));
+                }
+                done.join("; ")
             }
         };
         self.active.insert(f.id, f.clone());
@@ -396,7 +466,55 @@ impl Env {
                     String::new()
                 }
             }
+            FaultKind::PowerCut => {
+                let mut done = Vec::new();
+                for n in &f.nodes {
+                    let Some(a) = self.armed.remove(n).filter(|a| a.fault == f.id) else {
+                        done.push(format!("{} had lost power already", node_name(*n)));
+                        continue;
+                    };
+                    let fired = a.fired();
+                    let base = self.base[*n].clone();
+                    self.fleet.restart(*n, Some(base)).await?;
+                    self.states[*n] = NodeState::Up;
+                    done.push(if fired {
+                        format!(
+                            "{} lost power at firmware step {} and restarted",
+                            node_name(*n),
+                            a.step.name()
+                        )
+                    } else {
+                        format!(
+                            "{} never reached firmware step {}: restarted without the cut",
+                            node_name(*n),
+                            a.step.name()
+                        )
+                    });
+                }
+                done.join("; ")
+            }
         })
+    }
+
+    /// When node `n` exited because its armed power cut fired: disarms it, restarts it
+    /// with its usual options, and returns the fault and what happened. A node that
+    /// exited for any other reason is left to the caller.
+    pub async fn power_cut_fired(&mut self, n: usize) -> Option<(u32, String)> {
+        let a = self.armed.get(&n).filter(|a| a.fired())?.clone();
+        self.armed.remove(&n);
+        let base = self.base[n].clone();
+        let restarted = match self.fleet.restart(n, Some(base)).await {
+            Ok(()) => "restarted".to_string(),
+            Err(e) => format!("restarting it failed: {e:#}"),
+        };
+        Some((
+            a.fault,
+            format!(
+                "{} lost power at firmware step {}; {restarted}",
+                node_name(n),
+                a.step.name()
+            ),
+        ))
     }
 
     /// Heals every active fault, newest first; errors are collected, not fatal.

@@ -434,6 +434,20 @@ fn spawn(argv: &[String], options: &NodeOptions, log: std::fs::File) -> anyhow::
 }
 
 /// User plus system CPU seconds of a process, from /proc.
+/// Whether process `pid` runs: it exists and is not a zombie waiting to be reaped (what
+/// a child that died on its own is until the harness looks at it). Reads `/proc` only,
+/// so it can be asked while the node's session is in use.
+pub fn proc_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field past the command name, which may contain spaces.
+    match stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3)) {
+        Some(state) => state != "Z" && state != "X",
+        None => false,
+    }
+}
+
 pub fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start past the last ')'.
@@ -451,5 +465,20 @@ mod tests {
     fn own_cpu_time_is_readable() {
         let t = super::proc_cpu_seconds(std::process::id()).unwrap();
         assert!(t >= 0.0);
+    }
+
+    #[test]
+    fn a_dead_unreaped_child_does_not_count_as_running() {
+        assert!(super::proc_running(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while super::proc_running(pid) {
+            assert!(std::time::Instant::now() < deadline, "`true` still runs");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Still a zombie until reaped here.
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        child.wait().unwrap();
     }
 }

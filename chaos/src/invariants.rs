@@ -13,6 +13,7 @@ use mesh_transport::ContentId;
 
 use crate::byzantine::Forged;
 use crate::faults::{blob_files, Damaged};
+use crate::firmware::{self, SlotView};
 use crate::report::{Excerpt, Incident, InvariantResult, PublishRecord, Status};
 
 /// Log lines quoted for an offending node.
@@ -28,6 +29,8 @@ pub struct Final {
     pub peers: Vec<Option<Vec<PeerView>>>,
     /// Per node: whether it holds each acknowledged newest content completely.
     pub holds: Vec<BTreeMap<ContentId, bool>>,
+    /// Per node and firmware target: its slot record, checked against the slot files.
+    pub firmware: Vec<BTreeMap<String, SlotView>>,
 }
 
 /// What the module invariant expects of one module name.
@@ -52,7 +55,7 @@ pub fn excerpt(log: &Path) -> String {
     pick[pick.len().saturating_sub(EXCERPT_LINES)..].join("\n")
 }
 
-fn result(
+pub(crate) fn result(
     name: &str,
     statement: String,
     mut failures: Vec<(Option<usize>, String)>,
@@ -154,6 +157,7 @@ pub fn convergence(
 pub fn acknowledged_not_lost(
     fin: &Final,
     publishes: &[PublishRecord],
+    fw_expect: &BTreeMap<String, firmware::Expect>,
     logs: &[PathBuf],
 ) -> InvariantResult {
     let acked = newest_acked(publishes);
@@ -178,6 +182,28 @@ pub fn acknowledged_not_lost(
             }
         }
         for (name, (v, id)) in &acked {
+            if let Some(e) = fw_expect.get(name) {
+                // Firmware is kept in the slots (a node that patched never held the
+                // whole image). A crashing newest version is left to `firmware`.
+                if e.newest_crashing.is_none() {
+                    let confirmed = fin
+                        .firmware
+                        .get(n)
+                        .and_then(|t| t.get(name))
+                        .and_then(|v| v.as_ref().ok())
+                        .and_then(|r| r.confirmed_image().map(|i| i.content));
+                    if confirmed != Some(*id) {
+                        failures.push((
+                            Some(n),
+                            format!(
+                                "{name} v{v}: image {} is not in a confirmed slot",
+                                id.short()
+                            ),
+                        ));
+                    }
+                }
+                continue;
+            }
             if fin.holds.get(n).and_then(|h| h.get(id)) != Some(&true) {
                 failures.push((
                     Some(n),
@@ -189,7 +215,7 @@ pub fn acknowledged_not_lost(
     let count = publishes.iter().filter(|p| p.ok).count();
     result(
         "acknowledged_not_lost",
-        format!("every release whose publish was acknowledged ({count}) is installed on every node, and the newest of each name is held completely"),
+        format!("every release whose publish was acknowledged ({count}) is installed on every node, and the newest of each name is held completely (firmware: in a confirmed slot)"),
         failures,
         logs,
     )
@@ -244,20 +270,75 @@ pub fn damaged_not_served(damaged: &[Damaged], logs: &[PathBuf]) -> InvariantRes
             Some(_) => failures.push((Some(d.node), d.probe_note.clone())),
             None => notes.push(format!("not probed: {}", d.probe_note)),
         }
-        let still = std::fs::read(&d.path)
-            .map(|b| ContentId::of(&b) != d.id)
-            .unwrap_or(false);
-        if still {
+    }
+    let mut r = result(
+        "damaged_not_served",
+        "a node never serves groups of a blob damaged on its disk that fail verification".into(),
+        failures,
+        logs,
+    );
+    r.details.extend(notes);
+    r
+}
+
+/// Whether the node a blob was damaged on holds it verified again; `None` when no
+/// other node holds it either, so there was nothing to repair it from.
+pub fn repaired(d: &Damaged, states: &[PathBuf]) -> Option<bool> {
+    let fixed = std::fs::read(&d.path).is_ok_and(|b| ContentId::of(&b) == d.id);
+    let elsewhere = states
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != d.node)
+        .any(|(_, s)| {
+            blob_files(s)
+                .iter()
+                .any(|(_, name)| *name == d.id.to_string())
+        });
+    (fixed || elsewhere).then_some(fixed)
+}
+
+/// Every blob the harness damaged was quarantined and fetched again: the node holds the
+/// verified blob once more (unless no other node held it to fetch from).
+pub fn damaged_repaired(
+    damaged: &[Damaged],
+    states: &[PathBuf],
+    logs: &[PathBuf],
+) -> InvariantResult {
+    if damaged.is_empty() {
+        return not_checked("damaged_repaired", "no blob was damaged in this run");
+    }
+    let mut failures = Vec::new();
+    let mut notes = Vec::new();
+    for d in damaged {
+        match repaired(d, states) {
+            Some(true) => {}
+            Some(false) => failures.push((
+                Some(d.node),
+                format!("blob {} is still damaged or missing", d.id.short()),
+            )),
+            None => notes.push(format!(
+                "node{}: blob {} was held by no other node, so it could not be fetched again",
+                d.node,
+                d.id.short()
+            )),
+        }
+        let quarantined = states
+            .get(d.node)
+            .is_some_and(|s| s.join("store/quarantine").join(d.id.to_string()).exists());
+        if quarantined {
             notes.push(format!(
-                "node{} still holds the damaged file of {} (nodes do not repair damaged blobs yet)",
+                "node{}: the damaged file of {} is in quarantine",
                 d.node,
                 d.id.short()
             ));
         }
     }
     let mut r = result(
-        "damaged_not_served",
-        "a node never serves groups of a blob damaged on its disk that fail verification".into(),
+        "damaged_repaired",
+        format!(
+            "every blob damaged on a node's disk ({}) is quarantined and fetched again: the node holds the verified blob once more",
+            damaged.len()
+        ),
         failures,
         logs,
     );
@@ -424,9 +505,26 @@ pub fn rollbacks_recorded(fin: &Final, logs: &[PathBuf]) -> InvariantResult {
             }
         }
     }
+    for (n, targets) in fin.firmware.iter().enumerate() {
+        for (name, view) in targets {
+            let Some(rb) = view.as_ref().ok().and_then(|r| r.last_rollback.as_ref()) else {
+                continue;
+            };
+            seen += 1;
+            if rb.reason.trim().is_empty() {
+                failures.push((
+                    Some(n),
+                    format!(
+                        "firmware {name} switched back from v{} without a reason",
+                        rb.from.version
+                    ),
+                ));
+            }
+        }
+    }
     result(
         "rollbacks_recorded",
-        format!("every rollback ({seen} seen) and every failure report records a reason"),
+        format!("every rollback ({seen} seen, modules and firmware) and every failure report records a reason"),
         failures,
         logs,
     )
@@ -476,6 +574,95 @@ pub fn nodes_stay_up(incidents: &[Incident], logs: &[PathBuf]) -> InvariantResul
         failures,
         logs,
     )
+}
+
+/// Every node's every firmware target has a record that is consistent, with the
+/// confirmed and the active slots holding exactly the images it names, at the end and
+/// at every check during the workload.
+pub fn bootable_slot(
+    fin: &Final,
+    targets: &[firmware::Target],
+    during: &[(u64, usize, String)],
+    logs: &[PathBuf],
+) -> InvariantResult {
+    if targets.is_empty() {
+        return not_checked("bootable_slot", "no firmware target in this run");
+    }
+    let mut failures: Vec<(Option<usize>, String)> = during
+        .iter()
+        .map(|(t, n, what)| (Some(*n), format!("at {:.1} s: {what}", *t as f64 / 1000.0)))
+        .collect();
+    for (n, views) in fin.firmware.iter().enumerate() {
+        for t in targets {
+            match views.get(&t.name) {
+                Some(Ok(_)) => {}
+                Some(Err(why)) => failures.push((Some(n), format!("{}: {why}", t.name))),
+                None => failures.push((Some(n), format!("{}: not read", t.name))),
+            }
+        }
+    }
+    result(
+        "bootable_slot",
+        format!(
+            "every node keeps a verified bootable slot for each firmware target ({}): its record is consistent and the confirmed and active slots hash to the images it names, at the end and during the run",
+            targets.len()
+        ),
+        failures,
+        logs,
+    )
+}
+
+/// Every node's firmware targets settle, confirmed, on the newest acknowledged version
+/// that does not crash; a node that switched back from a crashing one says why.
+pub fn firmware(
+    fin: &Final,
+    expect: &BTreeMap<String, firmware::Expect>,
+    logs: &[PathBuf],
+) -> InvariantResult {
+    if expect.is_empty() {
+        return not_checked("firmware", "no firmware target in this run");
+    }
+    let mut failures = Vec::new();
+    let mut rolled = 0;
+    for (n, views) in fin.firmware.iter().enumerate() {
+        for (name, e) in expect {
+            let Some(view) = views.get(name) else {
+                failures.push((Some(n), format!("{name}: not read")));
+                continue;
+            };
+            if let Err(why) = firmware::settled(view, e) {
+                failures.push((Some(n), format!("{name}: {why}")));
+            }
+            let rb = view.as_ref().ok().and_then(|r| r.last_rollback.as_ref());
+            if let (Some(bad), Some(rb)) = (e.newest_crashing, rb) {
+                if rb.from.version == bad {
+                    rolled += 1;
+                }
+            }
+        }
+    }
+    let wanted: Vec<String> = expect
+        .iter()
+        .map(|(name, e)| match e.newest_crashing {
+            Some(bad) => format!("{name} v{} (v{bad} crashes)", e.version),
+            None => format!("{name} v{}", e.version),
+        })
+        .collect();
+    let mut r = result(
+        "firmware",
+        format!(
+            "every node settles confirmed on the newest acknowledged firmware that does not crash: {}",
+            wanted.join(", ")
+        ),
+        failures,
+        logs,
+    );
+    if expect.values().any(|e| e.newest_crashing.is_some()) {
+        r.details.push(format!(
+            "{rolled} node target(s) switched back from the crashing newest version"
+        ));
+    }
+    r
 }
 
 pub fn not_checked(name: &str, why: &str) -> InvariantResult {

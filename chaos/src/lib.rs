@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod byzantine;
 pub mod faults;
+pub mod firmware;
 pub mod fleet;
 pub mod invariants;
 pub mod netns;
@@ -17,6 +18,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod schedule;
+pub mod traffic;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -34,6 +34,8 @@ pub struct Report {
     pub byzantine: Vec<ByzantineStats>,
     pub damaged: Vec<Damaged>,
     pub timeline: Vec<VersionMark>,
+    /// Module message counters per node over the run (see `traffic.rs`).
+    pub traffic: Vec<crate::traffic::Sample>,
     pub passed: bool,
 }
 
@@ -53,6 +55,8 @@ pub struct FaultRecord {
     /// From the heal until every reachable node held everything acknowledged before
     /// the heal and saw every other reachable node alive.
     pub convergence_ms: Option<u64>,
+    /// Module messages delivered around the fault, when modules sent any.
+    pub traffic: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -64,6 +68,8 @@ pub struct PublishRecord {
     pub via: usize,
     pub content: String,
     pub bytes: u64,
+    /// Firmware: the patches from earlier versions the release carries.
+    pub patches: usize,
     pub ok: bool,
     pub error: Option<String>,
 }
@@ -91,6 +97,19 @@ pub struct InvariantResult {
     pub status: Status,
     pub details: Vec<String>,
     pub excerpts: Vec<Excerpt>,
+}
+
+impl InvariantResult {
+    /// Notes that the check held only `delay_ms` after the fleet converged.
+    pub fn with_delay(mut self, delay_ms: u64) -> InvariantResult {
+        if delay_ms > 0 && self.status == Status::Held {
+            self.details.push(format!(
+                "held from {:.1} s after the fleet converged",
+                delay_ms as f64 / 1000.0
+            ));
+        }
+        self
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -163,6 +182,9 @@ impl Report {
                 }
                 None => {}
             }
+            if let Some(tr) = &f.traffic {
+                let _ = write!(t, "; {tr}");
+            }
             if let Some(e) = &f.error {
                 let _ = write!(t, "; ERROR: {e}");
             }
@@ -180,9 +202,13 @@ impl Report {
                 p.via,
                 if p.ok {
                     format!(
-                        "acknowledged ({} bytes, blake3 {})",
+                        "acknowledged ({} bytes, blake3 {}{})",
                         p.bytes,
-                        &p.content[..12.min(p.content.len())]
+                        &p.content[..12.min(p.content.len())],
+                        match p.patches {
+                            0 => String::new(),
+                            n => format!(", with {n} patch(es) from earlier versions"),
+                        }
                     )
                 } else {
                     format!("refused: {}", p.error.clone().unwrap_or_default())
@@ -477,6 +503,7 @@ mod tests {
                 skipped: None,
                 error: None,
                 convergence_ms: Some(500),
+                traffic: None,
             }],
             publishes: vec![],
             incidents: vec![],
@@ -500,6 +527,7 @@ mod tests {
                 name: "m".into(),
                 version: 1,
             }],
+            traffic: vec![],
             passed: false,
         };
         let svg = r.svg();

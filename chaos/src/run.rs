@@ -15,6 +15,7 @@ use mesh_transport::ContentId;
 use rand::{RngCore, SeedableRng};
 
 use crate::faults::{self, Caps, Env, NodeState, REQUEST_TIMEOUT};
+use crate::firmware;
 use crate::fleet::{find_mesh_bin, Fleet, FleetConfig, FleetExtras, NodeOptions, Topology};
 use crate::invariants::{self, Final, ModuleExpect};
 use crate::netns::NetLab;
@@ -24,6 +25,7 @@ use crate::report::{
 };
 use crate::scenario::{FaultKind, Kind, Network, Scenario, RUN_NODES_MAX};
 use crate::schedule::{Action, Plan};
+use crate::traffic;
 
 /// How often every node is asked for its releases and peers during a run.
 const ROUND: Duration = Duration::from_secs(1);
@@ -31,10 +33,26 @@ const ROUND: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long one publish may take (upload and the node's checks).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a publish looks whether the node it publishes through still runs.
+const PUBLISH_WATCH: Duration = Duration::from_millis(200);
 /// Incidents recorded per run; past this only the count grows.
 const INCIDENTS_MAX: usize = 200;
 /// Version markers kept for the timeline.
 const MARKS_MAX: usize = 20_000;
+/// Rounds between two checks of every node's firmware slots during the workload: each
+/// check hashes two images per node and target, cheap but not free on a small machine.
+const SLOT_CHECK_ROUNDS: u64 = 3;
+/// Rounds between two samples of every node's module counters during the workload.
+const TRAFFIC_SAMPLE_ROUNDS: u64 = 2;
+/// How long the fleet's module traffic is watched once it converged, for
+/// `messages_flow`: several ticks of every module.
+const TRAFFIC_WINDOW: Duration = Duration::from_secs(4);
+/// How long after convergence module messages may take to flow between every node
+/// again before `messages_flow` fails.
+const TRAFFIC_FLOW_BOUND: Duration = Duration::from_secs(30);
+/// Slot violations seen during the workload that are kept; past this only the first
+/// ones matter.
+const SLOT_VIOLATIONS_MAX: usize = 100;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -104,6 +122,14 @@ struct Run {
     held: Vec<BTreeMap<String, BTreeSet<u64>>>,
     /// Per node, every release it ever listed (name, version, content).
     seen: Vec<BTreeMap<(String, u64), ReleaseInfo>>,
+    /// The firmware targets every node has, one per firmware release.
+    targets: Vec<firmware::Target>,
+    /// Slot records found broken during the workload: (time, node, what).
+    slot_violations: Vec<(u64, usize, String)>,
+    /// Workload rounds so far, to space out the slot checks.
+    workload_rounds: u64,
+    /// Module message counters per node over time.
+    samples: Vec<traffic::Sample>,
 }
 
 impl Run {
@@ -221,8 +247,11 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
     if plan.has(FaultKind::DiskFull) && caps.root.is_err() {
         notes.push("disk full by a store cap (no tmpfs without root)".into());
     }
+    let targets = firmware::prepare(seed, &scenario, &fleet_dir)?;
     let mut agent_args = scenario.agent_args.clone();
-    if let Some(config) = &scenario.config {
+    if scenario.config.is_some() || !targets.is_empty() {
+        let mut config = scenario.config.clone().unwrap_or_default();
+        config.push_str(&firmware::config_text(&targets));
         let path = fleet_dir.join("mesh.toml");
         std::fs::write(&path, config)?;
         agent_args.extend(["--config".to_string(), path.display().to_string()]);
@@ -275,6 +304,10 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         marks: Vec::new(),
         held: vec![BTreeMap::new(); nodes],
         seen: vec![BTreeMap::new(); nodes],
+        targets,
+        slot_violations: Vec::new(),
+        workload_rounds: 0,
+        samples: Vec::new(),
     };
 
     let result = workload(&mut run, &mut env, &plan).await;
@@ -300,6 +333,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
     // see each other.
     let acked = invariants::newest_acked(&run.publishes);
     let expect = module_expectations(&run.scenario, &run.publishes);
+    let fw_expect = firmware::expectations(&run.targets, &run.publishes)?;
     let bound = Duration::from_secs(scenario.converge_s);
     // A node's peer id is its key, which a restart keeps.
     let peer_ids: Vec<String> = env
@@ -319,7 +353,15 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
                     .all(|(name, (v, _))| list.iter().any(|x| &x.name == name && x.version >= *v))
             })
         });
+        read_firmware(&run, &env, &mut fin);
+        let states: Vec<PathBuf> = env.fleet.nodes.iter().map(|n| n.state.clone()).collect();
+        let repaired = env
+            .damaged
+            .iter()
+            .all(|d| invariants::repaired(d, &states) != Some(false));
         let ok = releases_ok
+            && repaired
+            && invariants::firmware(&fin, &fw_expect, &[]).status != Status::Failed
             && invariants::membership(&fin, &peer_ids, &[]).status == Status::Held
             && (expect.is_empty()
                 || invariants::modules(&fin, &expect, &run.held, &[]).status == Status::Held);
@@ -338,9 +380,35 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         )),
         None => run.say(&format!("not converged within {} s", scenario.converge_s)),
     }
+    // Module traffic once the fleet settled: windows of a few ticks of every module,
+    // until every subscriber hears the others or the bound passes (gossip may take a
+    // few heartbeats to take a node that was away back into its mesh).
+    let settled_ms = run.now_ms();
+    let mut traffic_from = settled_ms;
+    let mut traffic_to = settled_ms;
+    if convergence_ms.is_some() && run.samples.iter().any(|s| s.published > 0) {
+        loop {
+            traffic_from = run.now_ms();
+            tokio::time::sleep(TRAFFIC_WINDOW).await;
+            fin = snapshot(&mut run, &mut env, true).await;
+            read_firmware(&run, &env, &mut fin);
+            traffic_to = run.now_ms();
+            let flow = traffic::messages_flow(&run.samples, nodes, (traffic_from, traffic_to), &[]);
+            if flow.status != Status::Failed
+                || traffic_to - settled_ms > TRAFFIC_FLOW_BOUND.as_millis() as u64
+            {
+                break;
+            }
+        }
+    }
     for n in 0..nodes {
         let mut holds = BTreeMap::new();
-        for (_, id) in acked.values() {
+        for (name, (_, id)) in &acked {
+            if fw_expect.contains_key(name) {
+                // A node that installed firmware through a patch never holds the whole
+                // image: its slots are what count (acknowledged_not_lost reads them).
+                continue;
+            }
             let has = tokio::time::timeout(REQUEST_TIMEOUT, env.fleet.has(n, *id))
                 .await
                 .ok()
@@ -373,18 +441,19 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
     let byzantine_ran = !env.byzantine_stats.is_empty();
     let invariants: Vec<InvariantResult> = vec![
         invariants::convergence(convergence_ms, scenario.converge_s, &fin, &acked, &logs),
-        invariants::acknowledged_not_lost(&fin, &run.publishes, &logs),
+        invariants::acknowledged_not_lost(&fin, &run.publishes, &fw_expect, &logs),
         invariants::verified_storage(&states, &env.damaged, &logs),
         invariants::damaged_not_served(&env.damaged, &logs),
+        invariants::damaged_repaired(&env.damaged, &states, &logs),
         invariants::byzantine_rejected(byzantine_ran, &env.forged, &seen_lists, &states, &logs),
         invariants::modules(&fin, &expect, &run.held, &logs),
         invariants::rollbacks_recorded(&fin, &logs),
         invariants::membership(&fin, &peer_ids, &logs),
         invariants::nodes_stay_up(&run.incidents, &logs),
-        invariants::not_checked(
-            "bootable_slot",
-            "every node keeps a verified bootable firmware slot: not checked until nodes install firmware (the firmware issue)",
-        ),
+        traffic::messages_flow(&run.samples, nodes, (traffic_from, traffic_to), &logs)
+            .with_delay(traffic_from - settled_ms),
+        invariants::bootable_slot(&fin, &run.targets, &run.slot_violations, &logs),
+        invariants::firmware(&fin, &fw_expect, &logs),
     ];
     let passed = invariants.iter().all(|i| i.status != Status::Failed);
 
@@ -396,6 +465,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
             f.convergence_ms = convergence_after(&run, h);
         }
     }
+    traffic::annotate(&mut fault_records, &run.samples, nodes);
 
     let damaged = env.damaged.clone();
     let byzantine = env.byzantine_stats.clone();
@@ -427,6 +497,7 @@ pub async fn run_scenario(args: &Args) -> anyhow::Result<Report> {
         byzantine,
         damaged,
         timeline: run.marks.clone(),
+        traffic: run.samples.clone(),
         passed,
     };
     report.write(&out)?;
@@ -473,7 +544,13 @@ async fn workload(run: &mut Run, env: &mut Env, plan: &Plan) -> anyhow::Result<(
             continue;
         }
         if now >= next_round_ms {
-            let _ = snapshot(run, env, false).await;
+            let sample = run.scenario.releases.iter().any(|r| r.kind == Kind::Module)
+                && run.workload_rounds % TRAFFIC_SAMPLE_ROUNDS == 0;
+            let _ = snapshot(run, env, sample).await;
+            run.workload_rounds += 1;
+            if !run.targets.is_empty() && run.workload_rounds % SLOT_CHECK_ROUNDS == 0 {
+                check_slots_live(run, env);
+            }
             next_round_ms = run.now_ms() + ROUND.as_millis() as u64;
             continue;
         }
@@ -523,6 +600,7 @@ async fn execute(run: &mut Run, env: &mut Env, action: &Action) {
                 skipped: env.unsupported(f.kind),
                 error: None,
                 convergence_ms: None,
+                traffic: None,
             };
             if rec.skipped.is_none() {
                 rec.start_ms = Some(run.now_ms());
@@ -598,7 +676,7 @@ async fn publish(
     // node that answers.
     let via = (0..n)
         .map(|k| (via + k) % n)
-        .find(|i| env.states[*i] == NodeState::Up)
+        .find(|i| env.states[*i] == NodeState::Up && env.fleet.is_up(*i))
         .unwrap_or(via);
     let (kind, bytes) = match spec.kind {
         Kind::Data => (
@@ -606,10 +684,16 @@ async fn publish(
             Ok(data_bytes(run.seed, name, version, spec.bytes.unwrap_or(1))),
         ),
         Kind::Module | Kind::Firmware => {
-            let file = spec
-                .files
-                .get(version as usize - 1)
-                .map(|f| run.scenario.module_file(f));
+            let file = if spec.kind == Kind::Module {
+                spec.files
+                    .get(version as usize - 1)
+                    .map(|f| run.scenario.module_file(f))
+            } else {
+                run.targets
+                    .iter()
+                    .find(|t| t.name == name)
+                    .and_then(|t| t.images.get(version as usize).cloned())
+            };
             let kind = if spec.kind == Kind::Module {
                 ReleaseKind::Module
             } else {
@@ -626,6 +710,12 @@ async fn publish(
             )
         }
     };
+    let bases = run
+        .targets
+        .iter()
+        .find(|t| t.name == name && spec.kind == Kind::Firmware)
+        .map(|t| t.bases(version))
+        .unwrap_or_default();
     let mut rec = PublishRecord {
         t_ms,
         name: name.to_string(),
@@ -634,6 +724,7 @@ async fn publish(
         via,
         content: String::new(),
         bytes: 0,
+        patches: 0,
         ok: false,
         error: None,
     };
@@ -647,24 +738,41 @@ async fn publish(
     rec.bytes = bytes.len() as u64;
     rec.content = ContentId::of(&bytes).to_string();
     let result = async {
-        let signed = mesh::cli::publish::sign_release(
-            kind,
-            name,
-            version,
-            &bytes,
-            std::slice::from_ref(&env.fleet.operator),
-            None,
-        )?;
-        tokio::time::timeout(
-            PUBLISH_TIMEOUT,
-            mesh::cli::publish::upload(&env.fleet.nodes[via].session, &signed, &bytes),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("publishing: no answer within {PUBLISH_TIMEOUT:?}"))?
+        use mesh::cli::publish as p;
+        // Firmware carries patches from earlier versions, as `mesh publish firmware
+        // --delta-from` makes them; the patches are stored before the manifest names them.
+        let patches = p::make_patches(&bytes, &bases, true).await?;
+        let mut manifest = p::release_manifest(kind, name, version, &bytes, None);
+        manifest.deltas = patches.iter().map(|(d, _)| d.clone()).collect();
+        let signed = p::sign_manifest(manifest, std::slice::from_ref(&env.fleet.operator))?;
+        let node = &env.fleet.nodes[via];
+        let upload = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            for (_, patch) in &patches {
+                p::put_blob(&node.session, patch).await?;
+            }
+            p::upload(&node.session, &signed, &bytes).await
+        });
+        // A node that dies during the publish (a power cut) never answers: stop waiting
+        // for it at once, not when the connection times out.
+        let pid = node.info.pid;
+        let died = async {
+            while crate::fleet::proc_running(pid) {
+                tokio::time::sleep(PUBLISH_WATCH).await;
+            }
+        };
+        tokio::select! {
+            r = upload => r
+                .map_err(|_| anyhow::anyhow!("publishing: no answer within {PUBLISH_TIMEOUT:?}"))?
+                .map(|info| (info, patches.len())),
+            _ = died => Err(anyhow::anyhow!("publishing: the node died before it answered")),
+        }
     }
     .await;
     match result {
-        Ok(_) => rec.ok = true,
+        Ok((_, patches)) => {
+            rec.ok = true;
+            rec.patches = patches;
+        }
         Err(e) => rec.error = Some(format!("{e:#}")),
     }
     rec
@@ -677,6 +785,34 @@ async fn ask(env: &Env, n: usize, req: &Request) -> Option<Response> {
         .ok()
 }
 
+/// Reads every node's firmware slots from its state directory into `fin`.
+fn read_firmware(run: &Run, env: &Env, fin: &mut Final) {
+    for (n, node) in env.fleet.nodes.iter().enumerate() {
+        fin.firmware[n] = run
+            .targets
+            .iter()
+            .map(|t| (t.name.clone(), firmware::read_slots(&node.state, &t.name)))
+            .collect();
+    }
+}
+
+/// Checks every node's firmware slots while the workload runs (killed nodes too: their
+/// disks must stay bootable), keeping what is broken for `bootable_slot`.
+fn check_slots_live(run: &mut Run, env: &Env) {
+    let t_ms = run.now_ms();
+    for (n, node) in env.fleet.nodes.iter().enumerate() {
+        for t in &run.targets {
+            if let Some(Err(why)) = firmware::read_slots_live(&node.state, &t.name) {
+                if run.slot_violations.len() < SLOT_VIOLATIONS_MAX {
+                    run.say(&format!("node{n}: firmware target {}: {why}", t.name));
+                    run.slot_violations
+                        .push((t_ms, n, format!("{}: {why}", t.name)));
+                }
+            }
+        }
+    }
+}
+
 /// Asks every node that is up for its releases and peers (and modules when
 /// `modules`), notes unexpected exits, and records a round.
 async fn snapshot(run: &mut Run, env: &mut Env, modules: bool) -> Final {
@@ -686,6 +822,7 @@ async fn snapshot(run: &mut Run, env: &mut Env, modules: bool) -> Final {
         modules: vec![None; n],
         peers: vec![None; n],
         holds: Vec::new(),
+        firmware: vec![BTreeMap::new(); n],
     };
     let mut up = vec![false; n];
     #[allow(clippy::needless_range_loop)] // `i` indexes the fleet, the states and `fin` too.
@@ -694,6 +831,14 @@ async fn snapshot(run: &mut Run, env: &mut Env, modules: bool) -> Final {
             continue;
         }
         if let Some(status) = env.fleet.exit_status(i) {
+            if let Some((fault, what)) = env.power_cut_fired(i).await {
+                run.say(&format!("fault #{fault} power_cut: {what}"));
+                let at_s = run.now_ms() as f64 / 1000.0;
+                if let Some(rec) = run.faults.get_mut(&fault) {
+                    rec.detail.push_str(&format!("; at {at_s:.1} s {what}"));
+                }
+                continue;
+            }
             let t_ms = run.now_ms();
             run.say(&format!(
                 "node{i} exited on its own ({status}); restarting it"
@@ -722,6 +867,8 @@ async fn snapshot(run: &mut Run, env: &mut Env, modules: bool) -> Final {
         if modules {
             if let Some(Response::Modules(m)) = ask(env, i, &Request::Modules { all: false }).await
             {
+                let sample = traffic::Sample::of(run.now_ms(), i, &m);
+                traffic::push(&mut run.samples, sample);
                 fin.modules[i] = Some(m);
             }
         }

@@ -67,6 +67,11 @@ pub enum FaultKind {
     /// An in-process peer that lies: corrupted chunks, replayed and forged manifests,
     /// gossip floods.
     Byzantine,
+    /// A power cut during a firmware install: the node is restarted armed to abort at a
+    /// firmware step drawn from the seed (`MESH_FAULT_POINT`, once), the next time an
+    /// install gets there; the harness restarts it after the cut. Healed by a restart
+    /// without the fault point when the install never got there.
+    PowerCut,
 }
 
 impl FaultKind {
@@ -81,6 +86,7 @@ impl FaultKind {
             FaultKind::CorruptBlob => "corrupt_blob",
             FaultKind::ClockSkew => "clock_skew",
             FaultKind::Byzantine => "byzantine",
+            FaultKind::PowerCut => "power_cut",
         }
     }
 
@@ -116,9 +122,10 @@ pub enum Network {
 pub enum Kind {
     Data,
     Module,
-    /// A firmware image per version (`files`), published as a firmware release; what
-    /// a node does with it is the firmware issue's, and the invariants about slots are
-    /// not checked yet.
+    /// A firmware image per version, from `files` or generated from the seed (`bytes`,
+    /// `versions`: each version a small change of the one before, so patches pay),
+    /// published as a firmware release. Every node gets a `[[firmware]]` target of the
+    /// release's name, starting from version 0 (see `firmware.rs`).
     Firmware,
 }
 
@@ -128,10 +135,11 @@ pub enum Kind {
 pub struct ReleaseSpec {
     pub kind: Kind,
     pub name: String,
-    /// Data releases: bytes of each version (content drawn from the seed).
+    /// Data and generated firmware releases: bytes of each version (content drawn from
+    /// the seed).
     #[serde(default)]
     pub bytes: Option<u64>,
-    /// Data releases: how many versions.
+    /// Data and generated firmware releases: how many versions.
     #[serde(default)]
     pub versions: Option<u64>,
     /// Module and firmware releases: the file of each version, in order (version i is
@@ -139,9 +147,15 @@ pub struct ReleaseSpec {
     /// repository.
     #[serde(default)]
     pub files: Vec<String>,
-    /// Versions (1-based) known to crash-loop: the fleet must roll them back.
+    /// Versions (1-based) known to crash-loop: the fleet must roll them back. For
+    /// firmware, the device's activation hook fails for these versions.
     #[serde(default)]
     pub crashing: Vec<u64>,
+    /// Firmware releases: publish patches from earlier versions too (the previous
+    /// `firmware::DELTA_BASES_MAX`, version 0 included), as `mesh publish firmware
+    /// --delta-from` does.
+    #[serde(default)]
+    pub deltas: bool,
     /// Seconds after the start between which the versions are published.
     pub window_s: [f64; 2],
 }
@@ -149,9 +163,15 @@ pub struct ReleaseSpec {
 impl ReleaseSpec {
     pub fn version_count(&self) -> u64 {
         match self.kind {
-            Kind::Module | Kind::Firmware => self.files.len() as u64,
-            Kind::Data => self.versions.unwrap_or(1),
+            Kind::Module => self.files.len() as u64,
+            Kind::Firmware if !self.files.is_empty() => self.files.len() as u64,
+            Kind::Data | Kind::Firmware => self.versions.unwrap_or(1),
         }
+    }
+
+    /// A firmware release whose images the harness draws from the seed.
+    pub fn generated_firmware(&self) -> bool {
+        self.kind == Kind::Firmware && self.files.is_empty()
     }
 }
 
@@ -313,13 +333,23 @@ impl Scenario {
                         );
                     }
                 }
-                Kind::Module | Kind::Firmware if r.files.is_empty() => {
-                    bail!(
-                        "release {}: a module or firmware release lists its files",
-                        r.name
-                    )
+                Kind::Module if r.files.is_empty() => {
+                    bail!("release {}: a module release lists its files", r.name)
+                }
+                Kind::Firmware if r.files.is_empty() => {
+                    let b = r.bytes.unwrap_or(0);
+                    if b == 0 || b > crate::firmware::IMAGE_BYTES_MAX {
+                        bail!(
+                            "release {}: a firmware release lists its files, or gives bytes between 1 and {}",
+                            r.name,
+                            crate::firmware::IMAGE_BYTES_MAX
+                        );
+                    }
                 }
                 _ => {}
+            }
+            if r.deltas && r.kind != Kind::Firmware {
+                bail!("release {}: only firmware carries patches", r.name);
             }
             if let Some(v) = r.crashing.iter().find(|v| **v == 0 || **v > n) {
                 bail!("release {}: crashing version {v} is not published", r.name);
@@ -343,6 +373,11 @@ impl Scenario {
             }
             if f.loss_percent > 100 {
                 bail!("fault loss loss_percent: at most 100");
+            }
+            if f.kind == FaultKind::PowerCut
+                && !self.releases.iter().any(|r| r.kind == Kind::Firmware)
+            {
+                bail!("fault power_cut: needs a firmware release to cut an install of");
             }
             if f.after_publish && !self.releases.iter().any(|r| r.kind != Kind::Module) {
                 bail!(
@@ -382,7 +417,7 @@ mod tests {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
-                for r in s.releases.iter().filter(|r| r.kind == Kind::Module) {
+                for r in s.releases.iter().filter(|r| r.kind != Kind::Data) {
                     for f in &r.files {
                         assert!(s.module_file(f).exists(), "{}: no file {f}", s.name);
                     }
@@ -390,7 +425,7 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 8, "only {seen} scenarios shipped");
+        assert!(seen >= 10, "only {seen} scenarios shipped");
     }
 
     #[test]

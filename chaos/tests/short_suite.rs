@@ -66,6 +66,21 @@ fn faults_ran(r: &Report, kind: &str) {
     }
 }
 
+/// At least one rollback happened (and `rollbacks_recorded` held for it).
+fn some_rollback(r: &Report) {
+    held(r, "rollbacks_recorded");
+    let rollbacks = r
+        .invariants
+        .iter()
+        .find(|i| i.name == "rollbacks_recorded")
+        .unwrap();
+    assert!(
+        !rollbacks.statement.contains("(0 seen"),
+        "no rollback happened: {}",
+        rollbacks.statement
+    );
+}
+
 fn held(r: &Report, name: &str) {
     let inv = r.invariants.iter().find(|i| i.name == name).unwrap();
     assert_eq!(inv.status, Status::Held, "{name}: {inv:?}");
@@ -125,14 +140,44 @@ fn crash_looping_module() {
     let r = run("crash-looping-module", 1);
     held(&r, "modules");
     held(&r, "damaged_not_served");
-    let rollbacks = r
-        .invariants
+    held(&r, "damaged_repaired");
+    some_rollback(&r);
+}
+
+#[test]
+fn power_cut_during_install() {
+    let r = run("power-cut-during-install", 1);
+    faults_ran(&r, "power_cut");
+    faults_ran(&r, "kill");
+    held(&r, "bootable_slot");
+    held(&r, "firmware");
+    held(&r, "acknowledged_not_lost");
+    let cuts = r
+        .faults
         .iter()
-        .find(|i| i.name == "rollbacks_recorded")
-        .unwrap();
+        .filter(|f| f.detail.contains("lost power at firmware step"))
+        .count();
+    assert!(cuts > 0, "no armed power cut fired: {:?}", r.faults);
     assert!(
-        !rollbacks.statement.contains("(0 seen)"),
-        "no rollback happened: {}",
-        rollbacks.statement
+        r.publishes.iter().any(|p| p.patches > 0),
+        "no firmware publish carried a patch"
+    );
+    some_rollback(&r);
+}
+
+#[test]
+fn module_traffic() {
+    let r = run("module-traffic", 1);
+    faults_ran(&r, "partition");
+    faults_ran(&r, "pause");
+    faults_ran(&r, "kill");
+    held(&r, "messages_flow");
+    held(&r, "modules");
+    assert!(
+        r.faults
+            .iter()
+            .all(|f| f.skipped.is_some() || f.traffic.is_some()),
+        "a fault has no traffic figure: {:?}",
+        r.faults
     );
 }

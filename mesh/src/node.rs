@@ -57,6 +57,11 @@ pub const ADMIN_CONNECTIONS_MAX: usize = 64;
 const RATE_BURST_MIN: u64 = 256 * 1024;
 /// How long an actor query from the admin endpoint may take.
 const QUERY: Duration = Duration::from_secs(5);
+/// How often a node asks one connected peer (in turn) for its releases, besides on
+/// connect: gossip is best effort (a node that just restarted is not in the gossip mesh
+/// for a heartbeat or two), so a release it missed is caught up within this. A list is
+/// a few kilobytes of manifests, cheap at this rate.
+const RELEASE_SYNC_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What a running node writes to `STATE/run.json`, so the demo, tests and scripts can
 /// find its real addresses when it listens on port 0.
@@ -311,6 +316,7 @@ pub async fn run(
     tokio::spawn(outbox_pump(ctx.clone(), outbox_rx));
     tokio::spawn(net_pump(ctx.clone(), net_events));
     tokio::spawn(report_loop(ctx.clone()));
+    tokio::spawn(release_sync_loop(ctx.clone()));
     tokio::spawn(admin_loop(ctx.clone(), admin));
 
     let exit = tokio::select! {
@@ -550,6 +556,34 @@ fn on_gossip(
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// Anti-entropy: every [`RELEASE_SYNC_INTERVAL`], the release list of the next connected
+/// peer in turn, so a release whose gossip this node missed still arrives.
+async fn release_sync_loop(ctx: Arc<Ctx>) {
+    let mut interval = tokio::time::interval(RELEASE_SYNC_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once; connecting already asked every peer.
+    interval.tick().await;
+    let mut turn = 0usize;
+    loop {
+        interval.tick().await;
+        let Some(info) = ctx.swarm.info().await else {
+            return;
+        };
+        let mut connected: Vec<PeerId> = info
+            .connected
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if connected.is_empty() {
+            continue;
+        }
+        connected.sort();
+        let peer = connected[turn % connected.len()];
+        turn = turn.wrapping_add(1);
+        sync_releases(ctx.clone(), peer).await;
     }
 }
 

@@ -167,20 +167,64 @@ fn a_download_resumes_after_kill_9() {
         n1.log_text()
     );
     // The completed blob is the published one, byte for byte.
-    let path = n1
-        .state
-        .join("store/blobs")
-        .join(&id.to_string()[..2])
-        .join(id.to_string());
+    let path = blob_file(&n1, &id);
     assert_eq!(ContentId::of(&std::fs::read(path).unwrap()), id);
 }
 
-fn has_blob_file(node: &TestNode, id: &ContentId) -> bool {
+/// Bit rot in a stored blob: the node's scrub finds it, quarantines the file, and
+/// fetches the blob again from its peer, keeping the groups that still verify.
+#[test]
+fn a_blob_damaged_on_disk_is_quarantined_and_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new(dir.path());
+    let key = keys.operator.as_path();
+    let n0 = TestNode::start(dir.path(), "node0", &keys, &[]);
+    let n1 = TestNode::start(
+        dir.path(),
+        "node1",
+        &keys,
+        &["--bootstrap".into(), n0.addr()],
+    );
+    wait_until("connected", || peers_alive(&n1, key) == 1);
+    let bytes = blob(12, 3 * MIB);
+    let id = publish_data(&n0, key, dir.path(), "rot", &bytes);
+    wait_until("node1 holds the blob", || has_blob(&n1, key, &id));
+    let path = blob_file(&n1, &id);
+    let mut damaged = std::fs::read(&path).unwrap();
+    damaged[(MIB + 12345) as usize] ^= 0x10;
+    std::fs::write(&path, &damaged).unwrap();
+    wait_until("node1 quarantined the damaged file", || {
+        n1.state
+            .join("store/quarantine")
+            .join(id.to_string())
+            .exists()
+    });
+    wait_until("node1 holds the verified blob again", || {
+        has_blob(&n1, key, &id) && std::fs::read(&path).is_ok_and(|b| ContentId::of(&b) == id)
+    });
+    let quarantined =
+        std::fs::read(n1.state.join("store/quarantine").join(id.to_string())).unwrap();
+    assert_eq!(
+        quarantined, damaged,
+        "the quarantined file is the damaged one"
+    );
+    assert!(
+        !log_lines_with(&n1, "resuming download").is_empty(),
+        "the repair fetched the whole blob instead of the damaged groups:\n{}",
+        n1.log_text()
+    );
+}
+
+/// Where a node keeps a complete blob.
+fn blob_file(node: &TestNode, id: &ContentId) -> std::path::PathBuf {
     node.state
         .join("store/blobs")
         .join(&id.to_string()[..2])
         .join(id.to_string())
-        .exists()
+}
+
+fn has_blob_file(node: &TestNode, id: &ContentId) -> bool {
+    blob_file(node, id).exists()
 }
 
 #[test]
