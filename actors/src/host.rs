@@ -202,6 +202,9 @@ pub(crate) struct Host {
     pub publish_messages: TokenBucket,
     pub publish_bytes: TokenBucket,
     pub limiter: Limiter,
+    /// The instance's exported "memory", looked up once after instantiation rather than
+    /// by name in every host call (`None` before that, or if there is none).
+    pub memory: Option<Memory>,
     pub input: Option<Input>,
     /// `Some` while the `snapshot` export runs: what it wrote so far.
     pub snapshot: Option<Vec<u8>>,
@@ -237,6 +240,7 @@ impl Host {
             publish_messages: TokenBucket::for_rate(quotas.messages_per_s.into(), now),
             publish_bytes: TokenBucket::for_rate(quotas.publish_bytes_per_s, now),
             quotas,
+            memory: None,
             input: None,
             snapshot: None,
             subscriptions: BTreeSet::new(),
@@ -359,6 +363,9 @@ pub(crate) fn truncate_at_char(text: &str, max: usize) -> (&str, bool) {
 
 /// The module's exported memory, or a trap naming the host call that needed it.
 fn memory(caller: &mut Caller<'_, Host>, call: &str) -> wasmtime::Result<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Ok(m),
         _ => Err(host_trap(format!(

@@ -599,6 +599,9 @@ impl Sandbox {
             Ok(i) => i,
             Err(e) => return Err(fail(e, &store)),
         };
+        // A start function may already have called the host, which then looked the
+        // memory up by name; from here on the host calls use this one.
+        store.data_mut().memory = instance.get_memory(&mut store, "memory");
         let mut sandbox = Sandbox {
             store,
             instance,
