@@ -182,9 +182,11 @@ pub fn valid_topic(topic: &str) -> bool {
 }
 
 /// The input of the call in progress: a message (`on_message`) or a snapshot (`restore`).
+/// Shared, not owned: a message is handed to the guest without copying it first, since
+/// the same bytes may be queued for several modules.
 pub(crate) struct Input {
-    pub topic: String,
-    pub data: Vec<u8>,
+    pub topic: Arc<str>,
+    pub data: Arc<[u8]>,
 }
 
 /// The state a store carries for the host functions and the limiter.
@@ -200,6 +202,9 @@ pub(crate) struct Host {
     pub publish_messages: TokenBucket,
     pub publish_bytes: TokenBucket,
     pub limiter: Limiter,
+    /// The instance's exported "memory", looked up once after instantiation rather than
+    /// by name in every host call (`None` before that, or if there is none).
+    pub memory: Option<Memory>,
     pub input: Option<Input>,
     /// `Some` while the `snapshot` export runs: what it wrote so far.
     pub snapshot: Option<Vec<u8>>,
@@ -235,6 +240,7 @@ impl Host {
             publish_messages: TokenBucket::for_rate(quotas.messages_per_s.into(), now),
             publish_bytes: TokenBucket::for_rate(quotas.publish_bytes_per_s, now),
             quotas,
+            memory: None,
             input: None,
             snapshot: None,
             subscriptions: BTreeSet::new(),
@@ -357,6 +363,9 @@ pub(crate) fn truncate_at_char(text: &str, max: usize) -> (&str, bool) {
 
 /// The module's exported memory, or a trap naming the host call that needed it.
 fn memory(caller: &mut Caller<'_, Host>, call: &str) -> wasmtime::Result<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Ok(m),
         _ => Err(host_trap(format!(
@@ -463,7 +472,7 @@ pub(crate) fn define(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         "msg_topic",
         |mut c: Caller<'_, Host>, ptr: i32, cap: i32| {
             let mem = memory(&mut c, "msg_topic")?;
-            let Some(topic) = c.data().input.as_ref().map(|i| i.topic.clone()) else {
+            let Some(topic) = c.data().input.as_ref().map(|i| Arc::clone(&i.topic)) else {
                 return Ok(E_INVALID);
             };
             copy_out(&mut c, mem, ptr, cap, topic.as_bytes(), "msg_topic")
@@ -474,12 +483,10 @@ pub(crate) fn define(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         "msg_data",
         |mut c: Caller<'_, Host>, ptr: i32, cap: i32| {
             let mem = memory(&mut c, "msg_data")?;
-            let Some(input) = c.data_mut().input.take() else {
+            let Some(data) = c.data().input.as_ref().map(|i| Arc::clone(&i.data)) else {
                 return Ok(E_INVALID);
             };
-            let result = copy_out(&mut c, mem, ptr, cap, &input.data, "msg_data");
-            c.data_mut().input = Some(input);
-            result
+            copy_out(&mut c, mem, ptr, cap, &data, "msg_data")
         },
     )?;
     linker.func_wrap(HOST_MODULE, "snapshot_write", host_snapshot_write)?;

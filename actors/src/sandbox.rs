@@ -500,6 +500,9 @@ pub struct Sandbox {
     fuel_per_call: Option<u64>,
     /// `on_message`, looked up once: it is called for every message.
     on_message: Option<OnMessage>,
+    /// How long the last call into the guest took and when it ended, so a caller that
+    /// meters CPU need not read the clock again.
+    last_call: Option<(Duration, Instant)>,
     /// Keeps the epoch ticker running for as long as this instance can run code.
     _engine: SandboxEngine,
 }
@@ -596,6 +599,9 @@ impl Sandbox {
             Ok(i) => i,
             Err(e) => return Err(fail(e, &store)),
         };
+        // A start function may already have called the host, which then looked the
+        // memory up by name; from here on the host calls use this one.
+        store.data_mut().memory = instance.get_memory(&mut store, "memory");
         let mut sandbox = Sandbox {
             store,
             instance,
@@ -603,6 +609,7 @@ impl Sandbox {
             memory_bytes_max,
             fuel_per_call,
             on_message: None,
+            last_call: None,
             _engine: engine.clone(),
         };
         if module.has_initialize {
@@ -638,11 +645,14 @@ impl Sandbox {
         }
         let started = Instant::now();
         let result = f(&mut self.store);
+        let ended = Instant::now();
+        let took = ended.saturating_duration_since(started);
+        self.last_call = Some((took, ended));
         let usage = &self.store.data().usage;
         Usage::add(&usage.calls, 1);
         Usage::add(
             &usage.cpu_us,
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
         );
         let hit = self.store.data().limiter.memory_limit_hit;
         result.map_err(|e| self.classify().classify(&e, hit))
@@ -676,6 +686,12 @@ impl Sandbox {
     /// Hands a message to `on_message(topic_len, data_len)`; the guest copies topic and
     /// data out with `msg_topic` and `msg_data`. Ok(false) when there is no `on_message`.
     pub fn deliver(&mut self, topic: &str, data: &[u8]) -> Result<bool, CallError> {
+        self.deliver_shared(topic.into(), data.into())
+    }
+
+    /// [`Sandbox::deliver`] for a message already held in shared buffers: the guest reads
+    /// it from them, so nothing is copied before the call.
+    pub fn deliver_shared(&mut self, topic: Arc<str>, data: Arc<[u8]>) -> Result<bool, CallError> {
         let func = match &self.on_message {
             Some(OnMessage::Found(f)) => f.clone(),
             Some(OnMessage::Missing) => return Ok(false),
@@ -691,21 +707,24 @@ impl Sandbox {
                     }
                 };
                 self.on_message = Some(found);
-                return self.deliver(topic, data);
+                return self.deliver_shared(topic, data);
             }
         };
         let args = (
             i32::try_from(topic.len()).unwrap_or(i32::MAX),
             i32::try_from(data.len()).unwrap_or(i32::MAX),
         );
-        self.store.data_mut().input = Some(Input {
-            topic: topic.to_string(),
-            data: data.to_vec(),
-        });
+        self.store.data_mut().input = Some(Input { topic, data });
         let result = self.run(|store| func.call(store, args));
         self.store.data_mut().input = None;
         result?;
         Ok(true)
+    }
+
+    /// How long the last call into the guest took and when it ended (`None` before the
+    /// first call).
+    pub fn last_call(&self) -> Option<(Duration, Instant)> {
+        self.last_call
     }
 
     /// Takes the module's `snapshot`: what the guest writes with `snapshot_write` while
@@ -743,8 +762,8 @@ impl Sandbox {
             i32::try_from(data.len()).unwrap_or(i32::MAX),
         );
         self.store.data_mut().input = Some(Input {
-            topic: topic.to_string(),
-            data: data.to_vec(),
+            topic: topic.into(),
+            data: data.into(),
         });
         let result = self.run(|store| func.call(store, args));
         self.store.data_mut().input = None;

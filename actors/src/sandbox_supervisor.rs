@@ -13,9 +13,9 @@
 //!
 //! See `docs/runtime-semantics.md` for the same rules from the operator's side.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_transport::wire::{self, WireError};
@@ -47,6 +47,16 @@ pub const SANDBOX_MAILBOX_MESSAGES_MAX: usize = 1024;
 /// Messages waiting for one module; more are dropped (and counted) so a slow subscriber
 /// cannot hold the node's memory.
 pub const MODULE_MESSAGES_QUEUED_MAX: usize = 64;
+/// One hand-off of a module's messages to a blocking thread goes on taking the messages
+/// that arrive while it runs for at most this long, so a burst pays for one hand-off,
+/// while a tick or a hot swap's snapshot request waits at most this long (plus one call).
+pub const DRAIN_SLICE_MS: u64 = 5;
+/// A drain that has emptied the inbox waits this long for more messages before it hands
+/// the module back: the messages of a stream that arrive within this of each other are
+/// taken by the blocking call already running instead of costing a new hand-off each
+/// (a `Drain` to the actor, a blocking thread woken, the actor woken again). The wait
+/// holds a blocking thread, not a core, and stays within [`DRAIN_SLICE_MS`].
+pub const DRAIN_LINGER_US: u64 = 1000;
 /// Default time between two `on_tick` calls: once a second suits sensor sampling and
 /// keeps an idle module's cost negligible.
 pub const DEFAULT_TICK_MS: u64 = 1000;
@@ -361,25 +371,96 @@ pub struct ModuleArgs {
     kv_used: Option<Arc<crate::kv::KvStore>>,
 }
 
+/// A message queued for a module: topic and payload, shared with every other module the
+/// message was routed to.
+type Queued = (Arc<str>, Arc<[u8]>);
+
 /// Messages waiting for one module, filled by the supervisor and emptied by the module
 /// actor in batches: one blocking call handles everything that queued up meanwhile, so
 /// the cost of reaching the module's thread is paid once per batch, not per message.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    queue: Mutex<std::collections::VecDeque<(String, Arc<[u8]>)>>,
-    /// Set while a `Drain` is on its way to the actor, so there is at most one.
+    queue: Mutex<InboxQueue>,
+    /// Signalled when a message arrives while a drain lingers.
+    arrived: Condvar,
+    /// Set while a `Drain` is on its way to the actor or the actor is draining, so the
+    /// supervisor sends no `Drain` for messages the running drain will take anyway.
     drain_queued: AtomicBool,
 }
 
+#[derive(Debug, Default)]
+struct InboxQueue {
+    messages: VecDeque<Queued>,
+    /// A drain is waiting on `arrived` for more messages (see [`DRAIN_LINGER_US`]).
+    lingering: bool,
+}
+
+/// What became of a message offered to an inbox.
+#[derive(Debug, PartialEq, Eq)]
+enum Pushed {
+    /// Queued, and a drain running or on its way will take it.
+    Queued,
+    /// Queued, and the module actor must be sent a `Drain` for it.
+    NeedsDrain,
+    /// The inbox is full ([`MODULE_MESSAGES_QUEUED_MAX`]): dropped.
+    Full,
+}
+
 impl Inbox {
-    fn take(&self) -> Vec<(String, Arc<[u8]>)> {
-        self.drain_queued.store(false, Ordering::Release);
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.drain(..).collect()
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message, waking a lingering drain or asking for a `Drain` as needed.
+    fn push(&self, message: Queued) -> Pushed {
+        let lingering = {
+            let mut q = self.lock();
+            if q.messages.len() >= MODULE_MESSAGES_QUEUED_MAX {
+                return Pushed::Full;
+            }
+            q.messages.push_back(message);
+            q.lingering
+        };
+        if lingering {
+            self.arrived.notify_one();
+            return Pushed::Queued;
+        }
+        if self.drain_queued.swap(true, Ordering::AcqRel) {
+            Pushed::Queued
+        } else {
+            Pushed::NeedsDrain
+        }
+    }
+
+    /// Moves everything waiting into `batch`, which must be empty (the two buffers swap,
+    /// so neither is allocated again), first waiting up to `linger` for a message if
+    /// none is there. When nothing comes it clears `drain_queued` while holding the
+    /// queue's lock, so a message pushed after that finds the flag clear and sends a new
+    /// `Drain`. Returns whether it took anything.
+    fn take_into(&self, batch: &mut VecDeque<Queued>, linger: Duration) -> bool {
+        debug_assert!(batch.is_empty());
+        let mut q = self.lock();
+        if q.messages.is_empty() && !linger.is_zero() {
+            q.lingering = true;
+            q = match self
+                .arrived
+                .wait_timeout_while(q, linger, |q| q.messages.is_empty())
+            {
+                Ok((q, _)) => q,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+            q.lingering = false;
+        }
+        if q.messages.is_empty() {
+            self.drain_queued.store(false, Ordering::Release);
+            return false;
+        }
+        std::mem::swap(&mut q.messages, batch);
+        true
     }
 
     fn len(&self) -> usize {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().messages.len()
     }
 }
 
@@ -407,8 +488,60 @@ pub struct ModuleActorState {
     cpu: CpuMeter,
     usage: Arc<Usage>,
     inbox: Arc<Inbox>,
+    /// The buffer the inbox's messages are swapped into, kept for the next batch.
+    batch: VecDeque<Queued>,
     /// Set after a snapshot: the module is being replaced and runs nothing more.
     frozen: bool,
+}
+
+/// Delivers `batch`, then whatever else the inbox holds or receives within
+/// [`DRAIN_LINGER_US`], until the inbox stays empty (`Ok(false)`) or [`DRAIN_SLICE_MS`]
+/// has passed (`Ok(true)`: messages may be left). Runs on a blocking thread. Each message is checked against the CPU meter and runs under its own deadline;
+/// the meter is charged with the call's own start and end times, so the clock is read
+/// twice per message and once per batch, not more.
+fn run_batches(
+    sandbox: &mut Sandbox,
+    cpu: &mut CpuMeter,
+    usage: &Usage,
+    inbox: &Inbox,
+    batch: &mut VecDeque<Queued>,
+) -> Result<bool, CallError> {
+    let started = Instant::now();
+    let slice = Duration::from_millis(DRAIN_SLICE_MS);
+    let mut now = started;
+    loop {
+        while let Some((topic, data)) = batch.pop_front() {
+            if !cpu.may_run(now) {
+                Usage::add(&usage.throttled, 1);
+                Usage::add(&usage.messages_dropped, 1);
+                continue;
+            }
+            Usage::add(&usage.delivered, 1);
+            match sandbox.deliver_shared(topic, data) {
+                Ok(true) => {
+                    if let Some((took, ended)) = sandbox.last_call() {
+                        cpu.charge(took, ended);
+                        now = ended;
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    batch.clear();
+                    return Err(e);
+                }
+            }
+        }
+        now = Instant::now();
+        let left = slice.saturating_sub(now.saturating_duration_since(started));
+        if left.is_zero() {
+            return Ok(true);
+        }
+        if !inbox.take_into(batch, left.min(Duration::from_micros(DRAIN_LINGER_US))) {
+            return Ok(false);
+        }
+        // The wait may have been long; the meter is asked with the time the batch starts.
+        now = Instant::now();
+    }
 }
 
 /// Stops the ticker task when the actor's state goes away, however the actor ended.
@@ -446,12 +579,15 @@ impl ModuleActorState {
         Ok(value)
     }
 
-    /// Hands every message in the inbox to `on_message`, in one blocking call. A message
-    /// that finds the module over its CPU share is dropped (and counted), like a tick.
-    async fn drain(&mut self) -> Result<(), ModuleFailure> {
-        let batch = self.inbox.take();
-        if batch.is_empty() {
-            return Ok(());
+    /// Hands the messages in the inbox to `on_message` in one blocking call, which also
+    /// takes the messages that arrive while it runs (for up to [`DRAIN_SLICE_MS`]). A
+    /// message that finds the module over its CPU share is dropped (and counted), like a
+    /// tick. Returns whether messages may be left for another drain.
+    async fn drain(&mut self) -> Result<bool, ModuleFailure> {
+        let mut batch = std::mem::take(&mut self.batch);
+        if !self.inbox.take_into(&mut batch, Duration::ZERO) {
+            self.batch = batch;
+            return Ok(false);
         }
         let Some(mut sandbox) = self.sandbox.take() else {
             return Err(ModuleFailure::Panicked {
@@ -460,36 +596,25 @@ impl ModuleActorState {
         };
         let mut cpu = self.cpu.clone();
         let usage = self.usage.clone();
-        let (sandbox, cpu, result) = tokio::task::spawn_blocking(move || {
-            for (topic, data) in batch {
-                if !cpu.may_run(Instant::now()) {
-                    Usage::add(&usage.throttled, 1);
-                    Usage::add(&usage.messages_dropped, 1);
-                    continue;
-                }
-                Usage::add(&usage.delivered, 1);
-                let started = Instant::now();
-                let result = sandbox.deliver(&topic, &data);
-                cpu.charge(started.elapsed(), Instant::now());
-                if let Err(e) = result {
-                    return (sandbox, cpu, Err(e));
-                }
-            }
-            (sandbox, cpu, Ok(()))
+        let inbox = self.inbox.clone();
+        let (sandbox, cpu, batch, result) = tokio::task::spawn_blocking(move || {
+            let result = run_batches(&mut sandbox, &mut cpu, &usage, &inbox, &mut batch);
+            (sandbox, cpu, batch, result)
         })
         .await
         .map_err(|_| ModuleFailure::Panicked {
             export: "on_message",
         })?;
         self.cpu = cpu;
+        self.batch = batch;
         // A failed sandbox is not put back: the actor fails and is discarded (with the
         // rest of its batch).
-        result.map_err(|source| ModuleFailure::Call {
+        let more = result.map_err(|source| ModuleFailure::Call {
             export: "on_message",
             source,
         })?;
         self.sandbox = Some(sandbox);
-        Ok(())
+        Ok(more)
     }
 
     /// Whether the module may run now; counts a refusal as throttled.
@@ -541,6 +666,7 @@ impl Actor for ModuleActor {
             cpu: CpuMeter::new(quotas.cpu_share_permille, quotas.call_ms, Instant::now()),
             usage,
             inbox: args.inbox,
+            batch: VecDeque::new(),
             frozen: false,
         })
     }
@@ -581,7 +707,7 @@ impl Actor for ModuleActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: ModuleMsg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -593,10 +719,17 @@ impl Actor for ModuleActor {
                 }
                 state.with_sandbox("on_tick", |s| s.call("on_tick")).await?;
             }
-            ModuleMsg::Drain => state.drain().await?,
+            ModuleMsg::Drain => {
+                // The drain stopped at the end of its slice: what is left waits behind
+                // whatever else is in the mailbox (a tick, a snapshot request). The flag
+                // is still set, so nobody else sends this `Drain`.
+                if state.drain().await? && myself.cast(ModuleMsg::Drain).is_err() {
+                    state.inbox.drain_queued.store(false, Ordering::Release);
+                }
+            }
             ModuleMsg::Snapshot(reply) => {
                 // Everything routed here before the swap is handled by this version.
-                state.drain().await?;
+                while state.drain().await? {}
                 state.frozen = true;
                 // A snapshot that traps leaves the next version to start without state;
                 // the old version is being stopped either way.
@@ -1141,6 +1274,9 @@ impl SupervisorState {
             return;
         };
         entry.actor = None;
+        // A `Drain` sent to the actor that failed is lost with it; its successor must be
+        // told about messages waiting in the inbox afresh.
+        entry.inbox.drain_queued.store(false, Ordering::Release);
         entry.generation = generation;
         let version = entry.version;
         match entry.budget.on_failure(Instant::now()) {
@@ -1309,6 +1445,8 @@ impl SupervisorState {
 
     /// Routes a published message to every running module subscribed to its topic.
     fn deliver(&mut self, topic: &str, data: &Arc<[u8]>) {
+        // Made once, on the first subscriber, and shared by every queue it goes into.
+        let mut shared_topic: Option<Arc<str>> = None;
         for (name, entry) in &self.modules {
             if !entry.subscribed(topic) {
                 continue;
@@ -1318,17 +1456,13 @@ impl SupervisorState {
                 Usage::add(&entry.usage.messages_dropped, 1);
                 continue;
             };
-            {
-                let mut q = entry.inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if q.len() >= MODULE_MESSAGES_QUEUED_MAX {
-                    Usage::add(&entry.usage.messages_dropped, 1);
-                    continue;
-                }
-                q.push_back((topic.to_string(), data.clone()));
+            let topic = shared_topic.get_or_insert_with(|| topic.into());
+            let pushed = entry.inbox.push((topic.clone(), data.clone()));
+            if pushed == Pushed::Full {
+                Usage::add(&entry.usage.messages_dropped, 1);
+                continue;
             }
-            if !entry.inbox.drain_queued.swap(true, Ordering::AcqRel)
-                && actor.cast(ModuleMsg::Drain).is_err()
-            {
+            if pushed == Pushed::NeedsDrain && actor.cast(ModuleMsg::Drain).is_err() {
                 // The actor just stopped; its successor drains the inbox when it starts.
                 entry.inbox.drain_queued.store(false, Ordering::Release);
                 tracing::debug!(module = %name, "message for a module that just stopped");
@@ -1453,6 +1587,54 @@ mod tests {
 
     /// Long enough for a loaded 2-core machine running the whole workspace's tests.
     const EVENT_WAIT: Duration = Duration::from_secs(30);
+
+    fn queued(n: u8) -> Queued {
+        ("t".into(), vec![n].into())
+    }
+
+    #[test]
+    fn inbox_asks_for_one_drain_per_batch_and_refuses_beyond_its_bound() {
+        let inbox = Inbox::default();
+        assert_eq!(inbox.push(queued(0)), Pushed::NeedsDrain);
+        assert_eq!(inbox.push(queued(1)), Pushed::Queued);
+        let mut batch = VecDeque::new();
+        assert!(inbox.take_into(&mut batch, Duration::ZERO));
+        assert_eq!(batch.len(), 2);
+        batch.clear();
+        // Still draining: messages arriving now are taken by the same drain.
+        assert_eq!(inbox.push(queued(2)), Pushed::Queued);
+        assert!(inbox.take_into(&mut batch, Duration::ZERO));
+        batch.clear();
+        // The drain found nothing more and ended: the next message needs a new one.
+        assert!(!inbox.take_into(&mut batch, Duration::ZERO));
+        assert_eq!(inbox.push(queued(3)), Pushed::NeedsDrain);
+        for i in 1..MODULE_MESSAGES_QUEUED_MAX {
+            assert_eq!(inbox.push(queued(i as u8)), Pushed::Queued);
+        }
+        assert_eq!(inbox.push(queued(0)), Pushed::Full);
+        assert_eq!(inbox.len(), MODULE_MESSAGES_QUEUED_MAX);
+    }
+
+    #[test]
+    fn a_lingering_drain_takes_the_next_message_without_a_new_drain() {
+        let inbox = Arc::new(Inbox::default());
+        let taker = std::thread::spawn({
+            let inbox = inbox.clone();
+            move || {
+                let mut batch = VecDeque::new();
+                let took = inbox.take_into(&mut batch, EVENT_WAIT);
+                (took, batch)
+            }
+        });
+        while !inbox.lock().lingering {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Without the lingering drain this message would ask for a `Drain`.
+        assert_eq!(inbox.push(queued(7)), Pushed::Queued);
+        let (took, batch) = taker.join().unwrap();
+        assert!(took);
+        assert_eq!(&*batch[0].1, &[7]);
+    }
 
     struct Harness {
         sup: BoundedRef<SandboxMsg>,

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_transport::fsutil;
 use mesh_transport::ContentId;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::manifest::{ManifestDecodeError, ReleaseKind, SignedManifest};
 
@@ -50,6 +50,17 @@ const PREVIOUS: TableDefinition<&str, &[u8]> = TableDefinition::new("releases_pr
 /// Releases that failed on this node for good (their restart budget ran out), by key
 /// `"<kind>/<name>"`: the failed version and why. Such a version is not run again here.
 const FAILED: TableDefinition<&str, (u64, &str)> = TableDefinition::new("releases_failed");
+/// Failure reports of releases (this node's own and those gossiped by peers), by arrival
+/// number, oldest first: who reported it and the encoded report. Kept so that a node that
+/// restarts still knows which releases failed elsewhere.
+const FAILURE_REPORTS: TableDefinition<u64, (&str, &[u8])> =
+    TableDefinition::new("failure_reports");
+/// Failure reports kept in the database; the oldest go first. Reports are a few hundred
+/// bytes, and a few hundred cover a fleet's recent bad releases many times over.
+pub const FAILURE_REPORTS_KEPT_MAX: usize = 256;
+/// A stored failure report larger than this is refused: the gossiped ones are limited to
+/// 4 KiB when they are decoded, so anything larger is not a report.
+pub const FAILURE_REPORT_STORED_BYTES_MAX: usize = 8 * 1024;
 
 /// Errors from opening a content store.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +143,15 @@ pub enum RecordError {
     #[error("recording release {key}: the stored current record is corrupt: {detail}")]
     Corrupt { key: String, detail: String },
     #[error("recording release: {0}")]
+    Database(#[from] redb::Error),
+}
+
+/// Errors from keeping a failure report.
+#[derive(Debug, thiserror::Error)]
+pub enum FailureReportRecordError {
+    #[error("keeping a failure report: {len} bytes, more than {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("keeping a failure report: {0}")]
     Database(#[from] redb::Error),
 }
 
@@ -624,6 +644,56 @@ impl ContentStore {
             .map_err(redb_err)?
             .map(|g| g.value().0);
         Ok(version)
+    }
+
+    /// Keeps a failure report (`report` is its encoded form, as gossiped) from
+    /// `reporter`, dropping the oldest ones beyond [`FAILURE_REPORTS_KEPT_MAX`].
+    pub fn record_failure_report(
+        &self,
+        reporter: &str,
+        report: &[u8],
+    ) -> Result<(), FailureReportRecordError> {
+        let len = reporter.len() + report.len();
+        if len > FAILURE_REPORT_STORED_BYTES_MAX {
+            return Err(FailureReportRecordError::TooLarge {
+                len,
+                max: FAILURE_REPORT_STORED_BYTES_MAX,
+            });
+        }
+        let txn = self.db.begin_write().map_err(redb_err)?;
+        {
+            let mut table = txn.open_table(FAILURE_REPORTS).map_err(redb_err)?;
+            let next = match table.last().map_err(redb_err)? {
+                Some((key, _)) => key.value().saturating_add(1),
+                None => 0,
+            };
+            table.insert(next, (reporter, report)).map_err(redb_err)?;
+            let kept = usize::try_from(table.len().map_err(redb_err)?).unwrap_or(usize::MAX);
+            for _ in FAILURE_REPORTS_KEPT_MAX..kept {
+                table.pop_first().map_err(redb_err)?;
+            }
+        }
+        txn.commit().map_err(redb_err)?;
+        Ok(())
+    }
+
+    /// The failure reports kept, oldest first, as (reporter, encoded report). The caller
+    /// decodes them with its own size limit: the bytes came from peers.
+    pub fn failure_reports(&self) -> Result<Vec<(String, Vec<u8>)>, ReadError> {
+        let txn = self.db.begin_read().map_err(redb_err)?;
+        // The table is created by the first report; before that there are none.
+        let table = match txn.open_table(FAILURE_REPORTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(redb_err(e).into()),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(redb_err)? {
+            let (_, value) = row.map_err(redb_err)?;
+            let (reporter, report) = value.value();
+            out.push((reporter.to_string(), report.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Every current release, of all kinds and names, sorted by (kind, name).
@@ -1440,5 +1510,41 @@ mod tests {
             store.record_release(&signed(ReleaseKind::Module, "junk", 2)),
             Err(RecordError::Corrupt { key, .. }) if key == "module/junk"
         ));
+    }
+
+    #[test]
+    fn failure_reports_survive_a_reopen_and_only_the_newest_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = 5;
+        {
+            let store = ContentStore::open(dir.path()).unwrap();
+            assert!(store.failure_reports().unwrap().is_empty());
+            for i in 0..FAILURE_REPORTS_KEPT_MAX + extra {
+                let report = format!("report {i}");
+                store
+                    .record_failure_report(&format!("node{}", i % 3), report.as_bytes())
+                    .unwrap();
+            }
+            let too_big = vec![0u8; FAILURE_REPORT_STORED_BYTES_MAX + 1];
+            assert!(matches!(
+                store.record_failure_report("node0", &too_big),
+                Err(FailureReportRecordError::TooLarge { .. })
+            ));
+        }
+        let store = ContentStore::open(dir.path()).unwrap();
+        let kept = store.failure_reports().unwrap();
+        assert_eq!(kept.len(), FAILURE_REPORTS_KEPT_MAX);
+        // Oldest first, and the oldest `extra` are gone.
+        for (n, (reporter, report)) in kept.iter().enumerate() {
+            let i = n + extra;
+            assert_eq!(reporter, &format!("node{}", i % 3));
+            assert_eq!(report, format!("report {i}").as_bytes());
+        }
+        // Numbering goes on after the reopen: a new report is the newest.
+        store.record_failure_report("late", b"last").unwrap();
+        let kept = store.failure_reports().unwrap();
+        assert_eq!(kept.len(), FAILURE_REPORTS_KEPT_MAX);
+        assert_eq!(kept.last().unwrap().1, b"last");
+        assert_eq!(kept[0].1, format!("report {}", extra + 1).as_bytes());
     }
 }

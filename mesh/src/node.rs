@@ -49,8 +49,9 @@ pub const SANDBOX_EVENTS_MAX: usize = 1024;
 /// Messages modules published, waiting to be gossiped and delivered locally; when full,
 /// `publish` tells the module `E_FULL`.
 pub const OUTBOX_MAX: usize = 1024;
-/// Failure reports (this node's and those heard from peers) kept for `mesh modules`.
-pub const FAILURES_KEPT_MAX: usize = 256;
+/// Failure reports (this node's and those heard from peers) kept for `mesh modules`; the
+/// same number as the store keeps on disk, so a restart shows what was shown before.
+pub const FAILURES_KEPT_MAX: usize = mesh_actors::store::FAILURE_REPORTS_KEPT_MAX;
 /// Admin requests served at once per connection; more wait for the QUIC stream limit.
 pub const ADMIN_CONNECTIONS_MAX: usize = 64;
 /// The smallest burst a rate cap allows, so one chunk-group response always fits.
@@ -267,6 +268,7 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("starting the node's supervision tree: {e}"))?;
 
+    let failures = stored_failures(&store);
     let ctx = Arc::new(Ctx {
         key: key.public(),
         started: Instant::now(),
@@ -281,7 +283,7 @@ pub async fn run(
         admin_addr: admin_addr.clone(),
         listen: Mutex::new(listen.clone()),
         logs: Mutex::new(VecDeque::new()),
-        failures: Mutex::new(VecDeque::new()),
+        failures: Mutex::new(failures),
         firmware_failures: Mutex::new(VecDeque::new()),
     });
 
@@ -381,12 +383,45 @@ async fn sandbox_events(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<S
     }
 }
 
+/// Keeps a failure report in memory for `mesh modules` and in the store, so that it is
+/// still known after a restart.
 fn remember_failure(ctx: &Ctx, reporter: String, report: FailureReport) {
+    let store = ctx.store.clone();
+    let (who, bytes) = (reporter.clone(), report.encode());
+    // A database write waits for the disk; reports are rare, but not on the runtime.
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.record_failure_report(&who, &bytes) {
+            tracing::warn!("keeping a failure report from {who}: {e}");
+        }
+    });
     let mut list = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
     if list.len() >= FAILURES_KEPT_MAX {
         list.pop_front();
     }
     list.push_back(FailureInfo { reporter, report });
+}
+
+/// The failure reports the store kept from earlier runs, oldest first. One that does not
+/// decode is skipped: the node runs on without it.
+fn stored_failures(store: &ContentStore) -> VecDeque<FailureInfo> {
+    let rows = match store.failure_reports() {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!("reading the failure reports kept from earlier runs: {e}");
+            return VecDeque::new();
+        }
+    };
+    let mut out = VecDeque::with_capacity(rows.len());
+    for (reporter, bytes) in rows {
+        match FailureReport::decode(&bytes) {
+            Ok(report) => out.push_back(FailureInfo { reporter, report }),
+            Err(e) => tracing::warn!("skipping a stored failure report from {reporter}: {e}"),
+        }
+    }
+    while out.len() > FAILURES_KEPT_MAX {
+        out.pop_front();
+    }
+    out
 }
 
 /// Carries messages modules published: to every other node over gossip, and to this

@@ -1,5 +1,6 @@
 //! A new module version that keeps failing is rolled back to the previous one on every
-//! node, and each node's failure report reaches the others over gossip.
+//! node, and each node's failure report reaches the others over gossip and is still known
+//! after a restart.
 
 mod common;
 
@@ -23,8 +24,8 @@ fn failing_release_rolls_back_and_the_failure_report_reaches_other_nodes() {
         args.extend(extra.iter().cloned());
         args
     };
-    let n0 = TestNode::start(dir.path(), "node0", &keys, &with_config(&[]));
-    let n1 = TestNode::start(
+    let mut n0 = TestNode::start(dir.path(), "node0", &keys, &with_config(&[]));
+    let mut n1 = TestNode::start(
         dir.path(),
         "node1",
         &keys,
@@ -77,8 +78,8 @@ fn failing_release_rolls_back_and_the_failure_report_reaches_other_nodes() {
         .as_str()
         .unwrap()
         .to_string();
-    wait_until("node0's failure report on node1", || {
-        let v = n1.json(key, &["modules", "--all"]);
+    let has_n0_report = |n: &TestNode| {
+        let v = n.json(key, &["modules", "--all"]);
         v["failures"].as_array().unwrap().iter().any(|f| {
             let reporter = f["reporter"].as_str().unwrap();
             n0_key.starts_with(reporter)
@@ -90,10 +91,19 @@ fn failing_release_rolls_back_and_the_failure_report_reaches_other_nodes() {
                     .unwrap()
                     .contains("unreachable")
         })
-    });
+    };
+    wait_until("node0's failure report on node1", || has_n0_report(&n1));
     // The table view says it too.
     let out = n1.cli(key, &["modules", "--all"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FAILED RELEASES"), "{text}");
     assert!(text.contains("rolled back to v1"), "{text}");
+
+    // node1 restarts alone (node0 is gone, so nothing can gossip the report again) and
+    // still knows about node0's failed release: it was kept in its database.
+    n0.kill9();
+    n1.restart();
+    wait_until("node0's failure report on node1 after its restart", || {
+        has_n0_report(&n1)
+    });
 }
