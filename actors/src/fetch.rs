@@ -317,7 +317,14 @@ pub async fn download(
     if !registered {
         return Err(FetchError::Busy { id });
     }
-    let result = run(ctx, id, size, hint, &partial, started).await;
+    // The checkpoint running beside the download (at most one). Every way out waits
+    // for it: an older snapshot landing after a newer one, or after the files were
+    // removed, would roll the checkpoint back or bring the files back.
+    let mut checkpointing: Option<tokio::task::JoinHandle<()>> = None;
+    let result = run(ctx, id, size, hint, &partial, started, &mut checkpointing).await;
+    if let Some(c) = checkpointing.take() {
+        let _ = c.await;
+    }
     // Whatever happened, what was received is kept for the next attempt.
     if result.is_err() {
         let p = partial.clone();
@@ -367,6 +374,7 @@ async fn run(
     hint: &[PeerId],
     partial: &Arc<Mutex<PartialBlob>>,
     started: Instant,
+    checkpointing: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> Result<FetchReport, FetchError> {
     let groups = groups_of(size);
     let mut schedule = {
@@ -386,9 +394,6 @@ async fn run(
         FuturesUnordered::new();
     let mut asked_have: HashMap<PeerId, Instant> = HashMap::new();
     let mut last_checkpoint = Instant::now();
-    // The checkpoint runs beside the download rather than stalling it while a second's
-    // worth of data is synced; at most one at a time.
-    let mut checkpointing: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_announce = Instant::now() - ANNOUNCE_INTERVAL;
     let mut last_progress = Instant::now();
     let mut announced_have = u64::MAX;
@@ -490,7 +495,7 @@ async fn run(
             && checkpointing.as_ref().is_none_or(|c| c.is_finished())
         {
             last_checkpoint = now;
-            checkpointing = Some(start_checkpoint(id, partial));
+            *checkpointing = Some(start_checkpoint(id, partial));
         }
         if now.duration_since(last_announce) >= ANNOUNCE_INTERVAL
             && schedule.have_count() != announced_have
@@ -511,7 +516,9 @@ async fn run(
         }
     }
 
-    // Its files are about to be removed; a checkpoint still writing would bring them back.
+    // The checkpoint runs beside the download rather than stalling it while a second's
+    // worth of data is synced. The files are about to be removed; a checkpoint still
+    // writing would bring them back.
     if let Some(c) = checkpointing.take() {
         let _ = c.await;
     }

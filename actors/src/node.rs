@@ -5,6 +5,7 @@
 //! that a restarted child is reached through the same handle.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -133,8 +134,27 @@ pub struct StoreState {
     scrub: ScrubState,
     /// Damaged blobs to fetch again: (id, size, attempts so far, not before).
     repairs: Vec<(ContentId, u64, u32, Instant)>,
-    /// Repairs whose download runs.
-    repairing: usize,
+    /// Repairs whose download runs, and scrub checks that run (0 or 1). Counted by
+    /// [`Running`] guards held by the tasks, so a completion message lost to a full
+    /// mailbox, or a task that panicked, cannot leave them stuck.
+    repairing: Arc<AtomicUsize>,
+    scrubbing: Arc<AtomicUsize>,
+}
+
+/// Holds one unit of a running count for as long as a background task lives.
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn start(count: &Arc<AtomicUsize>) -> Running {
+        count.fetch_add(1, Ordering::SeqCst);
+        Running(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The background scrub, pure: each tick earns [`SCRUB_BYTES_PER_S`] worth of
@@ -199,7 +219,8 @@ impl Actor for StoreActor {
             per_peer: HashMap::new(),
             scrub: ScrubState::default(),
             repairs: Vec::new(),
-            repairing: 0,
+            repairing: Arc::new(AtomicUsize::new(0)),
+            scrubbing: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -213,7 +234,6 @@ impl Actor for StoreActor {
             StoreMsg::Tick => state.tick(),
             StoreMsg::Scrubbed => state.scrub.busy = false,
             StoreMsg::Repaired { id, size, result } => {
-                state.repairing = state.repairing.saturating_sub(1);
                 match result {
                     Ok(()) => {
                         tracing::info!(blob = %id.short(), size, "damaged blob repaired from peers")
@@ -299,8 +319,13 @@ impl StoreState {
                 self.repairs.push((id, size, 0, now));
             }
         }
+        // Held again (repaired, or fetched for another reason): nothing left to do.
+        self.repairs.retain(|r| !store.has(&r.0));
+        if self.scrubbing.load(Ordering::SeqCst) == 0 {
+            self.scrub.busy = false;
+        }
         for r in self.repairs.iter_mut() {
-            if self.repairing >= REPAIRS_CONCURRENT_MAX {
+            if self.repairing.load(Ordering::SeqCst) >= REPAIRS_CONCURRENT_MAX {
                 break;
             }
             if r.3 > now || r.2 >= REPAIR_ATTEMPTS_MAX || store.has(&r.0) {
@@ -308,11 +333,12 @@ impl StoreState {
             }
             r.2 += 1;
             r.3 = now + REPAIR_RETRY;
-            self.repairing += 1;
+            let running = Running::start(&self.repairing);
             let (id, size) = (r.0, r.1);
             let fetch = self.args.fetch.clone();
             let myself = self.args.myself.clone();
             tokio::spawn(async move {
+                let _running = running;
                 let label = format!("repair of damaged blob {}", id.short());
                 let result = crate::fetch::download(&fetch, id, size, &label, &[])
                     .await
@@ -329,7 +355,9 @@ impl StoreState {
         }
         self.scrub.cursor = Some(id);
         let myself = self.args.myself.clone();
+        let running = Running::start(&self.scrubbing);
         tokio::spawn(async move {
+            let _running = running;
             // A damaged blob is quarantined and queued for repair by `verify` itself.
             let _ = tokio::task::spawn_blocking(move || store.verify(&id)).await;
             let _ = myself.try_send(StoreMsg::Scrubbed);

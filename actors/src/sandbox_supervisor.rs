@@ -432,6 +432,17 @@ impl Inbox {
         }
     }
 
+    /// Returns the messages of a batch cut short to the front of the queue, in order,
+    /// so the next drain (of this version or, after a swap, the next) delivers them
+    /// first. They were in the queue a moment ago, so this can exceed the queue's bound
+    /// by at most one batch.
+    fn put_back(&self, batch: &mut VecDeque<Queued>) {
+        let mut q = self.lock();
+        while let Some(m) = batch.pop_back() {
+            q.messages.push_front(m);
+        }
+    }
+
     /// Moves everything waiting into `batch`, which must be empty (the two buffers swap,
     /// so neither is allocated again), first waiting up to `linger` for a message if
     /// none is there. When nothing comes it clears `drain_queued` while holding the
@@ -496,7 +507,8 @@ pub struct ModuleActorState {
 
 /// Delivers `batch`, then whatever else the inbox holds or receives within
 /// [`DRAIN_LINGER_US`], until the inbox stays empty (`Ok(false)`) or [`DRAIN_SLICE_MS`]
-/// has passed (`Ok(true)`: messages may be left). Runs on a blocking thread. Each message is checked against the CPU meter and runs under its own deadline;
+/// has passed (`Ok(true)`: messages may be left, back in the inbox). Runs on a blocking
+/// thread. Each message is checked against the CPU meter and runs under its own deadline;
 /// the meter is charged with the call's own start and end times, so the clock is read
 /// twice per message and once per batch, not more.
 fn run_batches(
@@ -529,6 +541,13 @@ fn run_batches(
                     batch.clear();
                     return Err(e);
                 }
+            }
+            // The slice holds within one message: what is left of the batch goes back
+            // to the inbox, so a tick or a swap waiting behind this call is not kept
+            // waiting for up to a whole batch.
+            if !batch.is_empty() && now.saturating_duration_since(started) >= slice {
+                inbox.put_back(batch);
+                return Ok(true);
             }
         }
         now = Instant::now();

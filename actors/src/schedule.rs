@@ -605,10 +605,31 @@ mod tests {
         let mut s = Schedule::new(50, |_| false, 0);
         s.set_peer(
             peer(1),
-            Some(vec![(30, 32), (12, 16), (10, 14), (16, 18), (40, 40)]),
+            // Overlapping, touching, empty, and one run nested in another, so that
+            // sorted by start the ends are not in order.
+            Some(vec![
+                (30, 32),
+                (12, 16),
+                (10, 14),
+                (16, 18),
+                (40, 40),
+                (20, 26),
+                (21, 23),
+                (34, 45),
+                (35, 37),
+                (42, 43),
+            ]),
             t0,
         );
-        let held = |g: u64| (10..18).contains(&g) || (30..32).contains(&g);
+        let held = |g: u64| {
+            (10..18).contains(&g)
+                || (20..26).contains(&g)
+                || (30..32).contains(&g)
+                || (34..45).contains(&g)
+        };
+        for g in 0..50 {
+            assert_eq!(s.peers[&peer(1)].holds(g), held(g), "group {g}");
+        }
         let mut asked = Vec::new();
         for _ in 0..20 {
             let now = t0;
@@ -622,7 +643,14 @@ mod tests {
             }
         }
         asked.sort_unstable();
-        assert_eq!(asked, (10..18).chain(30..32).collect::<Vec<_>>());
+        assert_eq!(
+            asked,
+            (10..18)
+                .chain(20..26)
+                .chain(30..32)
+                .chain(34..45)
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ const TEMP_PREFIX: &str = ".tmp-";
 /// Damaged blob files kept in `quarantine/` for a person to look at; older ones are
 /// deleted, so repeated damage cannot fill the disk.
 pub const QUARANTINE_KEPT_MAX: usize = 8;
+/// Bytes of quarantined files kept at most: they sit outside the store's size cap, so
+/// the newest are kept for inspection only while they fit in this.
+pub const QUARANTINE_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// Quarantined blobs waiting to be fetched again; past this the oldest are dropped
 /// (the scrub finds them missing from nowhere, but their releases still name them and
 /// a later fetch brings them back).
@@ -383,8 +386,30 @@ impl ContentStore {
             return Ok(path);
         }
         let size = self.size_of(id).ok_or(ReadError::NotFound(*id))?;
-        let ob = crate::verified::outboard_of_file(id, &self.blobs.blob_path(id), size)
-            .map_err(|e| self.corrupt(id, e.to_string()))?;
+        let ob = crate::verified::outboard_of_file(id, &self.blobs.blob_path(id), size).map_err(
+            |e| match e {
+                // Content that does not hash to its id, or a file shorter than its
+                // size, is damage; anything else (a file removed meanwhile, too many
+                // open files, an IO error) says nothing about the blob and must not
+                // take a healthy one out of service.
+                crate::verified::VerifiedError::BadOutboard { .. } => {
+                    self.corrupt(id, e.to_string())
+                }
+                crate::verified::VerifiedError::Io { ref source, .. }
+                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    self.corrupt(id, e.to_string())
+                }
+                crate::verified::VerifiedError::Io { action, source } => ReadError::Io {
+                    action: format!("computing the outboard of {id}: {action}"),
+                    source,
+                },
+                other => ReadError::Io {
+                    action: format!("computing the outboard of {id}"),
+                    source: std::io::Error::other(other.to_string()),
+                },
+            },
+        )?;
         fsutil::write_atomic(&path, &ob, BLOB_FILE_MODE).map_err(|source| ReadError::Io {
             action: format!("writing the outboard of {id}"),
             source,
@@ -787,7 +812,10 @@ impl ContentStore {
     /// joins the queue of blobs to fetch again, keeping its verified groups when it had
     /// an outboard to check them with. Returns whether the blob was in the store.
     pub fn quarantine(&self, id: &ContentId, why: &str) -> bool {
-        let Some(size) = self.blobs.index().remove(id) else {
+        // The blob stays in the index until its verified groups are salvaged, so no
+        // download of it can start (and open the same partial files) meanwhile; the
+        // file itself is gone from where it is served as soon as it is renamed.
+        let Some(size) = self.blobs.index().get(id).copied() else {
             return false;
         };
         let path = self.blobs.blob_path(id);
@@ -795,8 +823,20 @@ impl ContentStore {
         let outboard = fs::read(&ob_path).ok();
         let _ = fs::remove_file(&ob_path);
         let kept = self.blobs.quarantine_dir.join(id.to_string());
-        let moved =
-            fs::rename(&path, &kept).and_then(|_| fsutil::sync_dir(&self.blobs.shard_dir(id)));
+        let moved = fs::rename(&path, &kept)
+            .and_then(|_| fsutil::sync_dir(&self.blobs.shard_dir(id)))
+            .and_then(|_| fsutil::sync_dir(&self.blobs.quarantine_dir));
+        // A rename keeps the blob's old time, which would make it the first pruned;
+        // the quarantine is ordered by when blobs entered it.
+        if moved.is_ok() {
+            let stamped = fs::File::options()
+                .write(true)
+                .open(&kept)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            if let Err(e) = stamped {
+                tracing::warn!(blob = %id, "dating a quarantined blob: {e}");
+            }
+        }
         if let Err(e) = &moved {
             // The file must not stay where it would be served: remove it instead.
             tracing::warn!(blob = %id, "moving a damaged blob to quarantine: {e}; removing it");
@@ -814,6 +854,7 @@ impl ContentStore {
             .is_ok(),
             _ => false,
         };
+        self.blobs.index().remove(id);
         tracing::error!(blob = %id, size, %why, salvaged, "blob failed verification: quarantined, to be fetched again");
         self.prune_quarantine();
         let mut queue = self.blobs.damaged.lock().unwrap_or_else(|e| e.into_inner());
@@ -854,21 +895,27 @@ impl ContentStore {
         }
     }
 
-    /// Keeps the newest [`QUARANTINE_KEPT_MAX`] quarantined files.
+    /// Keeps the newest quarantined files, at most [`QUARANTINE_KEPT_MAX`] of them and
+    /// [`QUARANTINE_BYTES_MAX`] in all.
     fn prune_quarantine(&self) {
         let Ok(entries) = fs::read_dir(&self.blobs.quarantine_dir) else {
             return;
         };
-        let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
             .flatten()
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
             .collect();
-        if files.len() <= QUARANTINE_KEPT_MAX {
-            return;
-        }
-        files.sort();
-        for (_, path) in &files[..files.len() - QUARANTINE_KEPT_MAX] {
-            let _ = fs::remove_file(path);
+        // Newest first: keep while both the count and the bytes fit.
+        files.sort_by_key(|f| std::cmp::Reverse(f.0));
+        let mut bytes = 0u64;
+        for (i, (_, len, path)) in files.iter().enumerate() {
+            bytes = bytes.saturating_add(*len);
+            if i >= QUARANTINE_KEPT_MAX || bytes > QUARANTINE_BYTES_MAX {
+                let _ = fs::remove_file(path);
+            }
         }
     }
 }

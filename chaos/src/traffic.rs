@@ -129,6 +129,22 @@ pub fn messages_flow(
         .map(|n| (n, increase(samples, n, from, to)))
         .collect();
     let total_published: u64 = rises.values().map(|(p, _)| p).sum();
+    // An empty window (the fleet never settled) or one in which nothing was published
+    // shows nothing about flow; it must not pass as if it did.
+    if to <= from || total_published == 0 {
+        return crate::invariants::result(
+            "messages_flow",
+            "module messages flow between nodes after every fault healed".to_string(),
+            vec![(
+                None,
+                format!(
+                    "no module published in the final window ({:.1} s): either the fleet never settled or the publishers stopped",
+                    to.saturating_sub(from) as f64 / 1000.0
+                ),
+            )],
+            logs,
+        );
+    }
     let mut failures = Vec::new();
     let mut lines = Vec::new();
     for (n, (p, d)) in &rises {
@@ -215,6 +231,15 @@ mod tests {
         let r = messages_flow(&cut, 2, (0, 3000), &[]);
         assert_eq!(r.status, Status::Failed);
         assert!(r.details[0].starts_with("node0"), "{:?}", r.details);
+        // A window in which nothing was published, or an empty one, proves nothing.
+        assert_eq!(
+            messages_flow(&ok, 2, (3000, 3000), &[]).status,
+            Status::Failed
+        );
+        assert_eq!(
+            messages_flow(&ok, 2, (3000, 6000), &[]).status,
+            Status::Failed
+        );
         let quiet = vec![s(0, 0, 0, 0), s(3000, 0, 0, 0)];
         assert_eq!(
             messages_flow(&quiet, 1, (0, 3000), &[]).status,

@@ -383,17 +383,35 @@ async fn sandbox_events(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<S
     }
 }
 
+/// Failure-report writes to the store waiting or running at once. Reports are rare; a
+/// peer flooding them must not queue unbounded blocking work and one disk sync per
+/// message. Past this, a report is kept in memory only (and said so in the log).
+const FAILURE_WRITES_PENDING_MAX: usize = 16;
+
+/// Failure-report writes now waiting or running (one node per process).
+static FAILURE_WRITES_PENDING: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// Keeps a failure report in memory for `mesh modules` and in the store, so that it is
 /// still known after a restart.
 fn remember_failure(ctx: &Ctx, reporter: String, report: FailureReport) {
+    use std::sync::atomic::Ordering;
     let store = ctx.store.clone();
     let (who, bytes) = (reporter.clone(), report.encode());
-    // A database write waits for the disk; reports are rare, but not on the runtime.
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = store.record_failure_report(&who, &bytes) {
-            tracing::warn!("keeping a failure report from {who}: {e}");
-        }
-    });
+    if FAILURE_WRITES_PENDING.fetch_add(1, Ordering::SeqCst) >= FAILURE_WRITES_PENDING_MAX {
+        FAILURE_WRITES_PENDING.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(
+            "not storing a failure report from {who}: {FAILURE_WRITES_PENDING_MAX} writes are already pending; it is kept in memory only"
+        );
+    } else {
+        // A database write waits for the disk; reports are rare, but not on the runtime.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.record_failure_report(&who, &bytes) {
+                tracing::warn!("storing a failure report from {who}: {e}");
+            }
+            FAILURE_WRITES_PENDING.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
     let mut list = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
     if list.len() >= FAILURES_KEPT_MAX {
         list.pop_front();
