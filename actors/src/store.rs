@@ -328,7 +328,7 @@ impl ContentStore {
         txn.commit().map_err(|e| db_err(redb_err(e)))?;
 
         tracing::debug!(blobs = index.len(), dir = %dir.display(), "content store open");
-        Ok(ContentStore {
+        let store = ContentStore {
             blobs: Arc::new(Blobs {
                 blobs_dir,
                 partial_dir,
@@ -340,7 +340,50 @@ impl ContentStore {
                 index: Mutex::new(index),
             }),
             db,
-        })
+        };
+        store.requeue_quarantined();
+        Ok(store)
+    }
+
+    /// Queues for repair again the quarantined blobs that a current or previous release
+    /// still names and that are not held. The repair queue lives in memory, but the
+    /// quarantine is on disk: without this, a node restarted before a repair finished
+    /// would run on without the blob until a newer release named it.
+    fn requeue_quarantined(&self) {
+        let Ok(entries) = fs::read_dir(&self.blobs.quarantine_dir) else {
+            return;
+        };
+        let missing: Vec<ContentId> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<ContentId>().ok())
+            .filter(|id| !self.has(id))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let current = match self.current_releases() {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("finding the releases that name quarantined blobs: {e}");
+                return;
+            }
+        };
+        let mut named: HashMap<ContentId, u64> = HashMap::new();
+        for signed in current {
+            let m = &signed.manifest;
+            if let Ok(Some(previous)) = self.previous_release(m.kind, &m.name) {
+                named.insert(previous.manifest.content, previous.manifest.size);
+            }
+            named.insert(m.content, m.size);
+        }
+        let mut queue = self.blobs.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        for id in missing {
+            let Some(size) = named.get(&id) else { continue };
+            if queue.len() < DAMAGED_QUEUE_MAX && !queue.iter().any(|(d, _)| *d == id) {
+                tracing::info!(blob = %id, "a quarantined blob that a release names is to be fetched again");
+                queue.push((id, *size));
+            }
+        }
     }
 
     pub fn has(&self, id: &ContentId) -> bool {
@@ -1272,6 +1315,38 @@ mod tests {
             on_disk
         );
         assert_eq!(store.take_damaged(), vec![(id, 1000)]);
+        assert!(store.take_damaged().is_empty());
+    }
+
+    #[test]
+    fn a_restarted_store_queues_again_the_quarantined_blobs_releases_name() {
+        let dir = tempfile::tempdir().unwrap();
+        // `signed` names the blob holding the release name's bytes (5 of them).
+        let named = signed(ReleaseKind::Data, "model", 1);
+        let id = named.manifest.content;
+        let stray = b"nobody names these bytes";
+        let stray_id = ContentId::of(stray);
+        {
+            let store = ContentStore::open(dir.path()).unwrap();
+            store.put(&id, b"model").unwrap();
+            store.put(&stray_id, stray).unwrap();
+            store.record_release(&named).unwrap();
+            for id in [id, stray_id] {
+                let path = store.blob_path(&id);
+                let mut on_disk = fs::read(&path).unwrap();
+                on_disk[1] ^= 0x40;
+                fs::write(&path, &on_disk).unwrap();
+                assert!(matches!(store.verify(&id), Err(ReadError::Corrupt { .. })));
+            }
+            assert_eq!(store.take_damaged().len(), 2);
+            // The node stops before the repair.
+        }
+        let store = ContentStore::open(dir.path()).unwrap();
+        assert_eq!(store.take_damaged(), vec![(id, 5)]);
+        // Once repaired, a restart leaves it alone.
+        store.put(&id, b"model").unwrap();
+        drop(store);
+        let store = ContentStore::open(dir.path()).unwrap();
         assert!(store.take_damaged().is_empty());
     }
 
