@@ -419,7 +419,10 @@ impl Inbox {
                 return Pushed::Full;
             }
             q.messages.push_back(message);
-            q.lingering
+            // A lingering drain waits for the queue to stop being empty: only the push
+            // that ends the emptiness needs to wake it. Waking it again for every
+            // message of a burst costs a system call each, on the sender's side.
+            q.lingering && q.messages.len() == 1
         };
         if lingering {
             self.arrived.notify_one();
