@@ -128,19 +128,11 @@ fn a_download_resumes_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let keys = Keys::new(dir.path());
     let key = keys.operator.as_path();
-    let n0 = TestNode::start(dir.path(), "node0", &keys, &[]);
-    let mut n1 = TestNode::start(
+    let (n0, mut n1) = connected_pair(
         dir.path(),
-        "node1",
         &keys,
-        &[
-            "--bootstrap".into(),
-            n0.addr(),
-            "--download-bytes-per-s".into(),
-            (3 * MIB).to_string(),
-        ],
+        &["--download-bytes-per-s".into(), (3 * MIB).to_string()],
     );
-    wait_until("connected", || peers_alive(&n1, key) == 1);
     let bytes = blob(11, 16 * MIB);
     let id = publish_data(&n0, key, dir.path(), "big", &bytes);
     // Wait until some of it arrived (and was checkpointed), then cut the power.
@@ -178,14 +170,7 @@ fn a_blob_damaged_on_disk_is_quarantined_and_fetched_again() {
     let dir = tempfile::tempdir().unwrap();
     let keys = Keys::new(dir.path());
     let key = keys.operator.as_path();
-    let n0 = TestNode::start(dir.path(), "node0", &keys, &[]);
-    let n1 = TestNode::start(
-        dir.path(),
-        "node1",
-        &keys,
-        &["--bootstrap".into(), n0.addr()],
-    );
-    wait_until("connected", || peers_alive(&n1, key) == 1);
+    let (n0, n1) = connected_pair(dir.path(), &keys, &[]);
     let bytes = blob(12, 3 * MIB);
     let id = publish_data(&n0, key, dir.path(), "rot", &bytes);
     wait_until("node1 holds the blob", || has_blob(&n1, key, &id));
@@ -385,19 +370,11 @@ fn the_download_rate_cap_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let keys = Keys::new(dir.path());
     let key = keys.operator.as_path();
-    let n0 = TestNode::start(dir.path(), "node0", &keys, &[]);
-    let n1 = TestNode::start(
+    let (n0, n1) = connected_pair(
         dir.path(),
-        "node1",
         &keys,
-        &[
-            "--bootstrap".into(),
-            n0.addr(),
-            "--download-bytes-per-s".into(),
-            (2 * MIB).to_string(),
-        ],
+        &["--download-bytes-per-s".into(), (2 * MIB).to_string()],
     );
-    wait_until("connected", || peers_alive(&n1, key) == 1);
     let bytes = blob(9, 8 * MIB);
     let t0 = Instant::now();
     let id = publish_data(&n0, key, dir.path(), "capped", &bytes);

@@ -352,17 +352,8 @@ impl Launched {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(MESH)
-            .args(&self.args)
+        let child = mesh_command(&self.args, &self.log)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
             .process_group(0)
             .spawn()
             .expect("starting mesh launcher");

@@ -96,16 +96,7 @@ impl TestNode {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(MESH)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+        let child = mesh_command(&self.args, &self.log)
             .spawn()
             .expect("starting mesh agent");
         let pid = child.id();
@@ -220,6 +211,35 @@ pub fn runs(node: &TestNode, key: &Path, name: &str, version: u64) -> bool {
 
 pub fn peers_alive(node: &TestNode, key: &Path) -> usize {
     node.json(key, &["status"])["peers_alive"].as_u64().unwrap() as usize
+}
+
+/// The `mesh` binary with `args`, no stdin, and its output appended to `log`.
+pub fn mesh_command(args: &[String], log: &Path) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut command = Command::new(MESH);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    command
+}
+
+/// Starts node0, then node1 bootstrapped to it with `extra` arguments, and waits until
+/// node1 sees node0.
+pub fn connected_pair(dir: &Path, keys: &Keys, extra: &[String]) -> (TestNode, TestNode) {
+    let n0 = TestNode::start(dir, "node0", keys, &[]);
+    let mut args = vec!["--bootstrap".to_string(), n0.addr()];
+    args.extend_from_slice(extra);
+    let n1 = TestNode::start(dir, "node1", keys, &args);
+    wait_until("connected", || {
+        peers_alive(&n1, keys.operator.as_path()) == 1
+    });
+    (n0, n1)
 }
 
 pub fn hello_wat() -> PathBuf {
