@@ -420,7 +420,8 @@ async fn run(
         candidates.extend(connected.iter().copied());
         let mut queried = 0;
         for peer in candidates {
-            if queried >= HAVE_QUERIES_MAX || schedule.is_banned(&peer) {
+            if queried >= HAVE_QUERIES_MAX || schedule.is_banned(&peer) || schedule.holds_all(&peer)
+            {
                 continue;
             }
             let due = asked_have
@@ -641,6 +642,7 @@ async fn handle(
                 }
             }
             Ok(BlobResponse::Busy) => schedule.on_failure(peer, start, Failure::Busy, now),
+            Ok(BlobResponse::Elsewhere { fresh }) => schedule.on_redirect(peer, start, fresh, now),
             Ok(BlobResponse::NotFound) | Ok(BlobResponse::Have { .. }) => {
                 schedule.on_failure(peer, start, Failure::Unavailable, now)
             }

@@ -20,6 +20,7 @@ pub mod restart;
 pub mod sandbox;
 pub mod sandbox_supervisor;
 pub mod schedule;
+pub mod seeding;
 pub mod slots;
 pub mod store;
 pub mod trust;

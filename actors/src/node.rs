@@ -23,6 +23,7 @@ use crate::peers::{PeersActor, PeersMsg};
 use crate::releases::{ReleaseActor, ReleaseArgs, ReleaseMsg};
 use crate::restart::{RestartBudget, RestartDecision, RestartPolicy};
 use crate::sandbox_supervisor::{spawn_sandbox_supervisor, SandboxMsg, SandboxSupervisorArgs};
+use crate::seeding::{Decision, Seeding};
 use crate::store::ContentStore;
 use crate::trust::TrustPolicy;
 
@@ -130,6 +131,8 @@ pub struct StoreState {
     args: StoreArgs,
     serving: Arc<tokio::sync::Semaphore>,
     per_peer: HashMap<PeerId, usize>,
+    /// What this node sent lately, per blob, shared with the serve tasks.
+    seeding: Arc<Mutex<Seeding>>,
     /// The scrub's place in its walk over the store, and its byte allowance.
     scrub: ScrubState,
     /// Damaged blobs to fetch again: (id, size, attempts so far, not before).
@@ -217,6 +220,7 @@ impl Actor for StoreActor {
             args,
             serving: Arc::new(tokio::sync::Semaphore::new(SERVES_CONCURRENT_MAX)),
             per_peer: HashMap::new(),
+            seeding: Arc::new(Mutex::new(Seeding::new())),
             scrub: ScrubState::default(),
             repairs: Vec::new(),
             repairing: Arc::new(AtomicUsize::new(0)),
@@ -281,12 +285,19 @@ impl Actor for StoreActor {
                 }
                 *state.per_peer.entry(peer).or_insert(0) += 1;
                 let args = state.args.clone();
+                let seeding = state.seeding.clone();
                 tokio::spawn(async move {
                     let (a, r) = (args.clone(), request.clone());
-                    let response =
-                        tokio::task::spawn_blocking(move || serve(&a.store, &a.transfers, &r))
-                            .await
-                            .unwrap_or_else(|e| BlobResponse::Invalid(e.to_string()));
+                    let response = tokio::task::spawn_blocking(move || {
+                        let from = Server {
+                            seeding: &seeding,
+                            peer: &peer,
+                            now: Instant::now(),
+                        };
+                        serve(&a.store, &a.transfers, &from, &r)
+                    })
+                    .await
+                    .unwrap_or_else(|e| BlobResponse::Invalid(e.to_string()));
                     if let (Some(limit), BlobResponse::Encoded(bytes)) =
                         (&args.upload_limit, &response)
                     {
@@ -365,8 +376,47 @@ impl StoreState {
     }
 }
 
+/// Who is asking, and what this node sent lately (see [`crate::seeding`]).
+pub struct Server<'a> {
+    pub seeding: &'a Mutex<Seeding>,
+    pub peer: &'a PeerId,
+    pub now: Instant,
+}
+
+impl Server<'_> {
+    fn decide(
+        &self,
+        id: ContentId,
+        size: u64,
+        holds: Option<&dyn Fn(u64) -> bool>,
+        start: u64,
+        end: u64,
+    ) -> Decision {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(self.peer, &mut h);
+        let tag = std::hash::Hasher::finish(&h);
+        self.seeding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide(
+                id,
+                crate::verified::groups_of(size),
+                holds,
+                tag,
+                start,
+                end,
+                self.now,
+            )
+    }
+}
+
 /// Answers one blob request from the store or a download in progress.
-pub fn serve(store: &ContentStore, transfers: &Transfers, request: &BlobRequest) -> BlobResponse {
+pub fn serve(
+    store: &ContentStore,
+    transfers: &Transfers,
+    from: &Server<'_>,
+    request: &BlobRequest,
+) -> BlobResponse {
     match request {
         BlobRequest::Have { id } => {
             if let Some(size) = store.size_of(id) {
@@ -392,11 +442,19 @@ pub fn serve(store: &ContentStore, transfers: &Transfers, request: &BlobRequest)
         }
         BlobRequest::Groups { id, start, end } => {
             if let Some(size) = store.size_of(id) {
+                if let Decision::Elsewhere(fresh) = from.decide(*id, size, None, *start, *end) {
+                    return BlobResponse::Elsewhere { fresh };
+                }
                 return serve_complete(store, id, size, *start, *end);
             }
             match transfers.partial(id) {
                 Some(p) => {
                     let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Decision::Elsewhere(fresh) =
+                        from.decide(*id, p.size(), Some(&|g| p.has_group(g)), *start, *end)
+                    {
+                        return BlobResponse::Elsewhere { fresh };
+                    }
                     match p.encode(*start, *end) {
                         Ok(bytes) => BlobResponse::Encoded(bytes),
                         Err(_) => BlobResponse::NotFound,

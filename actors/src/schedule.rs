@@ -20,8 +20,18 @@ use crate::verified::GROUPS_PER_REQUEST_MAX;
 pub const PEER_IN_FLIGHT_MAX: usize = 4;
 /// Requests in flight for one download over all peers.
 pub const DOWNLOAD_IN_FLIGHT_MAX: usize = 32;
-/// Each request aims to take this long at the peer's measured rate.
-pub const REQUEST_TARGET: Duration = Duration::from_millis(250);
+/// Peers one download takes groups from at once. Each request costs both ends about
+/// the same whatever its size, and a server's uplink is split between the peers it
+/// serves; drawing from every peer of a large fleet at once makes each exchange small
+/// and the fleet's CPU grow with its size squared. The fastest peers are kept (they are
+/// tried first), and an untried peer is rated optimistically, so the set still moves
+/// to better peers as they appear.
+pub const PEERS_ACTIVE_MAX: usize = 6;
+/// Each request aims to take this long at the peer's measured rate. Every request costs
+/// both ends a stream, a frame and a wake-up whatever its size; on thin links shared by
+/// many fetchers a quarter second made requests of two or three groups, and a fleet
+/// spent its CPU on requests rather than bytes.
+pub const REQUEST_TARGET: Duration = Duration::from_millis(500);
 /// Rate assumed for a peer before its first response (bytes per second). Low on
 /// purpose (a slow start): a popular source on a thin uplink would otherwise be asked
 /// for megabytes by every peer at once, most of it overlapping, and requests would
@@ -40,6 +50,10 @@ pub const REST_MAX: Duration = Duration::from_secs(10);
 /// A busy peer is asked again after this long; busy is the normal state of a popular
 /// source, so it does not grow.
 pub const BUSY_REST: Duration = Duration::from_millis(50);
+/// How long a peer that redirected a request is asked only for the runs it named.
+/// Its holdings are learnt again afterwards, and what it sent others is by then
+/// announced by them.
+pub const REDIRECT_VIEW: Duration = Duration::from_secs(1);
 /// The rarest-first search looks this far past the cursor before settling for any
 /// group the peer holds, so a poll stays cheap on large blobs.
 pub const RAREST_SCAN_MAX: u64 = 512;
@@ -75,6 +89,9 @@ struct PeerState {
     rest: Duration,
     banned: bool,
     delivered: u64,
+    /// Until then, `ranges` is what the peer said it would send now (it redirected a
+    /// request), not all it holds; what it holds is not learnt again meanwhile.
+    redirected_until: Instant,
 }
 
 impl PeerState {
@@ -181,6 +198,12 @@ impl Schedule {
         self.peers.values().filter(|p| !p.banned).count()
     }
 
+    /// Whether the peer is known to hold the whole blob (asking what it holds again
+    /// would tell nothing new).
+    pub fn holds_all(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.ranges.is_none())
+    }
+
     pub fn is_banned(&self, peer: &PeerId) -> bool {
         self.peers.get(peer).is_some_and(|p| p.banned)
     }
@@ -202,7 +225,7 @@ impl Schedule {
             merged
         });
         if let Some(p) = self.peers.get(&peer) {
-            if p.ranges == ranges {
+            if p.ranges == ranges || p.redirected_until > now {
                 return;
             }
             if !p.banned {
@@ -218,6 +241,7 @@ impl Schedule {
             rest: REST_INITIAL,
             banned: false,
             delivered: 0,
+            redirected_until: now,
         });
         p.ranges = ranges.clone();
         if !p.banned {
@@ -336,6 +360,9 @@ impl Schedule {
         // run, and looking for one per peer would walk the blob for each.
         let unassigned =
             (self.first_wanted..self.groups).any(|g| self.is_wanted(g) && !self.in_flight_at(g));
+        // Peers already working for this download; new ones join only while there are
+        // fewer than PEERS_ACTIVE_MAX.
+        let mut active = self.peers.values().filter(|p| p.in_flight > 0).count();
         let mut progressed = unassigned;
         while progressed {
             progressed = false;
@@ -344,9 +371,12 @@ impl Schedule {
                     return out;
                 }
                 let p = &self.peers[peer];
-                if p.in_flight >= PEER_IN_FLIGHT_MAX {
+                if p.in_flight >= PEER_IN_FLIGHT_MAX
+                    || (p.in_flight == 0 && active >= PEERS_ACTIVE_MAX)
+                {
                     continue;
                 }
+                let joining = p.in_flight == 0;
                 let batch = p.batch();
                 let Some(start) = self.next_free(peer) else {
                     continue;
@@ -362,6 +392,7 @@ impl Schedule {
                 }
                 out.push(self.send(*peer, start, end, now));
                 self.cursor = if end >= self.groups { 0 } else { end };
+                active += usize::from(joining);
                 progressed = true;
             }
         }
@@ -522,6 +553,31 @@ impl Schedule {
         }
     }
 
+    /// The peer sent the request `start..` elsewhere: it sent those groups to others
+    /// moments ago. For [`REDIRECT_VIEW`] it is asked only for the runs it named
+    /// (`fresh`), and the groups it would not send are taken from the peers that got
+    /// them. Not a failure: the peer is asked again at once.
+    pub fn on_redirect(
+        &mut self,
+        peer: PeerId,
+        start: u64,
+        mut fresh: Vec<(u64, u64)>,
+        now: Instant,
+    ) {
+        self.finish(peer, start);
+        if self.peers.get(&peer).is_none_or(|p| p.banned) {
+            return;
+        }
+        fresh.truncate(crate::seeding::FRESH_RUNS_MAX);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.redirected_until = now;
+        }
+        self.set_peer(peer, Some(fresh), now);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.redirected_until = now + REDIRECT_VIEW;
+        }
+    }
+
     pub fn on_failure(&mut self, peer: PeerId, start: u64, failure: Failure, now: Instant) {
         if self.finish(peer, start).is_some() {
             self.penalize(peer, failure, now);
@@ -587,6 +643,35 @@ mod tests {
         assert!(again
             .iter()
             .any(|q| q.start == r.start + 1 || q.start <= r.start + 1));
+    }
+
+    #[test]
+    fn a_redirect_narrows_a_peer_for_a_while_without_resting_it() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(64, |_| false, 0);
+        s.set_peer(peer(1), None, t0);
+        let first = s.poll(t0);
+        let r = first
+            .iter()
+            .find(|r| r.start == 0)
+            .expect("a request from the cursor");
+        s.on_redirect(peer(1), r.start, vec![(40, 48)], t0);
+        // Asked at once, and only for what it named, even though it says again that it
+        // holds everything.
+        s.set_peer(peer(1), None, t0);
+        let again = s.poll(t0);
+        assert!(!again.is_empty(), "a redirect is not a rest");
+        for q in &again {
+            assert!(q.start >= 40 && q.end <= 48, "{q:?}");
+        }
+        // Another peer takes the groups the first would not send.
+        s.set_peer(peer(2), Some(vec![(0, 8)]), t0);
+        let elsewhere = s.poll(t0);
+        assert!(elsewhere.iter().any(|q| q.peer == peer(2) && q.start == 0));
+        // Afterwards its holdings count again.
+        let later = t0 + REDIRECT_VIEW;
+        s.set_peer(peer(1), None, later);
+        assert!(s.peers[&peer(1)].ranges.is_none());
     }
 
     #[test]

@@ -227,9 +227,13 @@ impl NetLab {
             .collect())
     }
 
+    fn host_if(&self, i: usize) -> String {
+        format!("{PREFIX}{}h{i}", self.pid)
+    }
+
     fn add_node(&self, i: usize, rate_mbit: u32) -> anyhow::Result<()> {
         let ns = self.namespace(i);
-        let host_if = format!("{PREFIX}{}h{i}", self.pid);
+        let host_if = self.host_if(i);
         run(&["ip", "netns", "add", &ns])?;
         run(&[
             "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -279,6 +283,10 @@ impl NetLab {
 impl Drop for NetLab {
     fn drop(&mut self) {
         for i in 0..self.nodes {
+            // The kernel tears a namespace down in the background, and its veth pair with
+            // it; deleting the host end first removes the pair at once, so a lab created
+            // next by this process (same names) does not find it still there.
+            let _ = run(&["ip", "link", "del", &self.host_if(i)]);
             let _ = run(&["ip", "netns", "del", &self.namespace(i)]);
         }
         let _ = run(&["ip", "link", "del", &self.bridge]);

@@ -115,6 +115,11 @@ pub enum BlobResponse {
     /// The server is at its limit; ask again later or elsewhere.
     Busy,
     Invalid(String),
+    /// The server sent most of these groups to other peers moments ago, which now
+    /// serve them; these runs of groups (`start..end`) are what it would send instead.
+    Elsewhere {
+        fresh: Vec<(u64, u64)>,
+    },
 }
 
 /// Things the driver tells the node.

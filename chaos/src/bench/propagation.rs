@@ -33,6 +33,10 @@ pub struct Args {
     /// Mbit/s (tbf). Needs root.
     #[arg(long)]
     rate_mbit: Option<u32>,
+    /// Keep the nodes' state and logs here (`single/` and `fleet/`) instead of in a
+    /// temporary directory, to see who sent what (`download complete ... from=`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 /// How often the bench asks each node whether it has the blob yet: finer for small
@@ -73,7 +77,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let single_s = {
-        let fleet = start_fleet(&mesh_bin, 2, args.rate_mbit).await?;
+        let dir = args.dir.as_ref().map(|d| d.join("single"));
+        let fleet = start_fleet(&mesh_bin, 2, args.rate_mbit, dir).await?;
         let (times, _) = propagate(&fleet, &blob, "bench-single", timeout).await?;
         fleet.stop().await;
         times[1]
@@ -83,7 +88,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mib_s(size, single_s)
     );
 
-    let fleet = start_fleet(&mesh_bin, args.nodes, args.rate_mbit).await?;
+    let dir = args.dir.as_ref().map(|d| d.join("fleet"));
+    let fleet = start_fleet(&mesh_bin, args.nodes, args.rate_mbit, dir).await?;
     let (times, cpu_s) = propagate(&fleet, &blob, "bench-fleet", timeout).await?;
     let rss: Vec<Option<u64>> = (0..fleet.nodes.len()).map(|i| fleet.rss_kib(i)).collect();
     fleet.stop().await;
@@ -138,6 +144,7 @@ async fn start_fleet(
     mesh_bin: &std::path::Path,
     nodes: usize,
     rate_mbit: Option<u32>,
+    dir: Option<PathBuf>,
 ) -> anyhow::Result<Fleet> {
     let lab = match rate_mbit {
         Some(rate) => Some(std::sync::Arc::new(crate::netns::NetLab::create(
@@ -151,7 +158,7 @@ async fn start_fleet(
         mesh_bin: mesh_bin.to_path_buf(),
         topology: Topology::Star,
         agent_args: vec!["--store-bytes-max".into(), (4u64 << 30).to_string()],
-        dir: None,
+        dir,
     })
     .await?;
     // Everyone connected to everyone that kad found, at least to the publisher.
