@@ -4,9 +4,10 @@
 //! - instantiation: our `Sandbox::start` (pooling allocator, `InstancePre`, limiter,
 //!   host state, WASI reactor check) against raw wasmtime's `InstancePre::instantiate`
 //!   with the same pooling configuration and a bare store;
-//! - dispatch: messages through our actor path (supervisor -> module actor -> blocking
-//!   thread -> `on_message`) against raw wasmtime calling the same export of the same
-//!   module in a loop, both doing the same work per message;
+//! - dispatch: messages through our path as the node delivers them (router -> module
+//!   inbox -> drain on a blocking thread, started by the module actor -> `on_message`)
+//!   against raw wasmtime calling the same export of the same module in a loop, both
+//!   doing the same work per message;
 //! - compile time per MB of wasm, and the load time of the same module from the
 //!   compiled-module cache;
 //! - the p99 latency of a well-behaved module (message in, log line out) alone and
@@ -26,7 +27,7 @@ use mesh_actors::sandbox::{
     EngineConfig, InstanceSetup, LogLine, PoolConfig, Sandbox, SandboxEngine, TABLES_MAX,
 };
 use mesh_actors::sandbox_supervisor::{
-    spawn_sandbox_supervisor, Deployment, SandboxConfig, SandboxMsg, SandboxSupervisorArgs,
+    spawn_sandbox_supervisor, Deployment, Router, SandboxConfig, SandboxMsg, SandboxSupervisorArgs,
 };
 use mesh_transport::ContentId;
 use tokio::sync::mpsc;
@@ -482,6 +483,7 @@ fn rss_kib() -> anyhow::Result<u64> {
 /// A sandbox supervisor in this process, as a node runs it.
 struct Harness {
     sup: mesh_actors::mailbox::BoundedRef<SandboxMsg>,
+    router: Router,
     logs: mpsc::Receiver<LogLine>,
     handle: tokio::task::JoinHandle<()>,
 }
@@ -497,6 +499,7 @@ impl Harness {
         let (logs_tx, logs) = mpsc::channel(4096);
         let (events, mut events_rx) = mpsc::channel(1024);
         tokio::spawn(async move { while events_rx.recv().await.is_some() {} });
+        let router = Router::default();
         let (sup, handle) = spawn_sandbox_supervisor(
             SandboxSupervisorArgs {
                 engine,
@@ -505,11 +508,17 @@ impl Harness {
                 events,
                 services: HostServices::default(),
                 store: None,
+                router: router.clone(),
             },
             None,
         )
         .await?;
-        Ok(Harness { sup, logs, handle })
+        Ok(Harness {
+            sup,
+            router,
+            logs,
+            handle,
+        })
     }
 
     /// Deploys a module; the measured one ("bench") asks for the quotas of `quotas()`,
@@ -555,11 +564,11 @@ impl Harness {
         }
     }
 
+    /// Delivers a message as the node does, failing if it was not queued.
     fn send(&self, topic: &str, data: Arc<[u8]>) -> anyhow::Result<()> {
-        self.sup.try_send(SandboxMsg::Deliver {
-            topic: topic.to_string(),
-            data,
-        })?;
+        if self.router.deliver(topic, data) == 0 {
+            bail!("the message for {topic} was not queued");
+        }
         Ok(())
     }
 
