@@ -627,8 +627,8 @@ pub enum ModuleMsg {
     Tick,
     /// Messages are waiting in the inbox.
     Drain,
-    /// Take the module's state for its next version and stop running ticks (messages are
-    /// no longer routed here once the supervisor asks this).
+    /// Take the module's state for its next version and stop running ticks (the
+    /// supervisor holds the inbox before asking this, so no further `Drain` is sent here).
     Snapshot(RpcReplyPort<Option<Vec<u8>>>),
     /// Hand the previous version's snapshot to `restore`; answers whether it was taken.
     Restore(Vec<u8>, RpcReplyPort<Result<bool, String>>),
@@ -896,7 +896,9 @@ impl Actor for ModuleActor {
                 }
             }
             ModuleMsg::Snapshot(reply) => {
-                // Everything routed here before the swap is handled by this version.
+                // Everything in the inbox now is handled by this version, and so is in
+                // the state it hands over; what arrives after its last drain waits for
+                // the next version.
                 while state.drain().await? {}
                 state.frozen = true;
                 // A snapshot that traps leaves the next version to start without state;
