@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use mesh_transport::wire::{self, WireError};
@@ -39,14 +39,16 @@ use crate::sandbox::{
 };
 use crate::store::ContentStore;
 
-/// Messages the supervisor may hold at once. Deploys and status queries are rare, restart
-/// timers add at most one message per module, but every message published on the mesh
-/// passes through here on its way to subscribers; a thousand absorbs bursts of those
-/// (and everything that arrives during a hot swap) at a trivial cost in memory.
+/// Messages the supervisor may hold at once. Deploys and status queries are rare and
+/// restart timers add at most one message per module (published messages do not pass
+/// through here, see [`Router`]); a thousand absorbs any burst of those (a redeploy of
+/// every module at once) at a trivial cost in memory.
 pub const SANDBOX_MAILBOX_MESSAGES_MAX: usize = 1024;
 /// Messages waiting for one module; more are dropped (and counted) so a slow subscriber
-/// cannot hold the node's memory.
-pub const MODULE_MESSAGES_QUEUED_MAX: usize = 64;
+/// cannot hold the node's memory. Published messages go straight into inboxes, so this is
+/// also what absorbs a burst (and the messages that arrive during a hot swap): at most
+/// 2 MiB of payloads per module (`PUBLISH_BYTES_MAX` each), shared between subscribers.
+pub const MODULE_MESSAGES_QUEUED_MAX: usize = 256;
 /// One hand-off of a module's messages to a blocking thread goes on taking the messages
 /// that arrive while it runs for at most this long, so a burst pays for one hand-off,
 /// while a tick or a hot swap's snapshot request waits at most this long (plus one call).
@@ -130,8 +132,6 @@ pub enum SandboxMsg {
     Deploy(Deployment),
     /// Report every module the supervisor knows, sorted by name.
     List(RpcReplyPort<Vec<ModuleStatus>>),
-    /// Hand a published message to every module subscribed to its topic.
-    Deliver { topic: String, data: Arc<[u8]> },
     /// Internal: a backoff has elapsed. Only acted on if `generation` is still the
     /// module's current one, so a timer that outlived a redeploy does nothing.
     RestartDue { name: String, generation: u64 },
@@ -313,6 +313,8 @@ pub struct SandboxSupervisorArgs {
     /// Where previous versions are found for a rollback, and failures are recorded so a
     /// failed release is not run again after a restart. `None`: no rollback.
     pub store: Option<Arc<ContentStore>>,
+    /// Where published messages are delivered; the supervisor keeps it current.
+    pub router: Router,
 }
 
 /// Errors from starting the sandbox supervisor.
@@ -375,17 +377,18 @@ pub struct ModuleArgs {
 /// message was routed to.
 type Queued = (Arc<str>, Arc<[u8]>);
 
-/// Messages waiting for one module, filled by the supervisor and emptied by the module
-/// actor in batches: one blocking call handles everything that queued up meanwhile, so
-/// the cost of reaching the module's thread is paid once per batch, not per message.
+/// The topics a module version subscribed to in `init`.
+type Subscriptions = Arc<Mutex<BTreeSet<String>>>;
+
+/// Messages waiting for one module, filled by whoever delivers published messages (see
+/// [`Router`]) and emptied by the module actor in batches: one blocking call handles
+/// everything that queued up meanwhile, so the cost of reaching the module's thread is
+/// paid once per batch, not per message.
 #[derive(Debug, Default)]
 pub struct Inbox {
     queue: Mutex<InboxQueue>,
     /// Signalled when a message arrives while a drain lingers.
     arrived: Condvar,
-    /// Set while a `Drain` is on its way to the actor or the actor is draining, so the
-    /// supervisor sends no `Drain` for messages the running drain will take anyway.
-    drain_queued: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -393,17 +396,42 @@ struct InboxQueue {
     messages: VecDeque<Queued>,
     /// A drain is waiting on `arrived` for more messages (see [`DRAIN_LINGER_US`]).
     lingering: bool,
+    /// Set while a `Drain` is on its way to the actor or the actor is draining, so no
+    /// `Drain` is sent for messages the running drain will take anyway.
+    drain_queued: bool,
+    /// The topics of the version messages are queued for; checked under this lock, so a
+    /// message is queued only for a version that subscribed to its topic.
+    subscriptions: Subscriptions,
+    /// Who takes the messages.
+    drainer: Drainer,
+}
+
+/// Who takes the messages of an inbox, as the supervisor last set it.
+#[derive(Debug, Default)]
+enum Drainer {
+    /// No actor runs the module (starting for the first time, backing off, failed):
+    /// messages are dropped and counted.
+    #[default]
+    Stopped,
+    /// A hot swap is handing state over: messages wait (bounded) for the next version,
+    /// and no `Drain` is sent.
+    Held,
+    /// This actor runs the module and is sent a `Drain` when messages wait.
+    Running(ActorRef<ModuleMsg>),
 }
 
 /// What became of a message offered to an inbox.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Pushed {
-    /// Queued, and a drain running or on its way will take it.
+    /// The module did not subscribe to the topic.
+    NotSubscribed,
+    /// Queued, and a drain running or on its way (or the next version) will take it.
     Queued,
-    /// Queued, and the module actor must be sent a `Drain` for it.
-    NeedsDrain,
-    /// The inbox is full ([`MODULE_MESSAGES_QUEUED_MAX`]): dropped.
-    Full,
+    /// Queued, and this actor must be sent a `Drain` for it.
+    NeedsDrain(ActorRef<ModuleMsg>),
+    /// No actor runs the module, or the inbox is full ([`MODULE_MESSAGES_QUEUED_MAX`]):
+    /// dropped.
+    Dropped,
 }
 
 impl Inbox {
@@ -411,28 +439,82 @@ impl Inbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a message, waking a lingering drain or asking for a `Drain` as needed.
+    /// Queues a message for the module if it subscribed to the topic, waking a lingering
+    /// drain or asking for a `Drain` as needed.
     fn push(&self, message: Queued) -> Pushed {
-        let lingering = {
+        let (pushed, wake) = {
             let mut q = self.lock();
-            if q.messages.len() >= MODULE_MESSAGES_QUEUED_MAX {
-                return Pushed::Full;
+            let subscribed = q
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&*message.0);
+            if !subscribed {
+                return Pushed::NotSubscribed;
+            }
+            if matches!(q.drainer, Drainer::Stopped)
+                || q.messages.len() >= MODULE_MESSAGES_QUEUED_MAX
+            {
+                return Pushed::Dropped;
             }
             q.messages.push_back(message);
             // A lingering drain waits for the queue to stop being empty: only the push
             // that ends the emptiness needs to wake it. Waking it again for every
             // message of a burst costs a system call each, on the sender's side.
-            q.lingering && q.messages.len() == 1
+            let wake = q.lingering && q.messages.len() == 1;
+            let q = &mut *q;
+            let pushed = match &q.drainer {
+                Drainer::Running(actor) if !wake && !q.drain_queued => {
+                    q.drain_queued = true;
+                    Pushed::NeedsDrain(actor.clone())
+                }
+                _ => Pushed::Queued,
+            };
+            (pushed, wake)
         };
-        if lingering {
+        if wake {
             self.arrived.notify_one();
-            return Pushed::Queued;
         }
-        if self.drain_queued.swap(true, Ordering::AcqRel) {
-            Pushed::Queued
-        } else {
-            Pushed::NeedsDrain
+        pushed
+    }
+
+    /// Hands the inbox to `actor` with the topics its version subscribed to, and sends
+    /// it a `Drain` if messages wait. Whatever the flag said before is void: a `Drain`
+    /// sent to an earlier actor is lost with it or ignored by its frozen version.
+    fn attach(&self, actor: ActorRef<ModuleMsg>, subscriptions: Subscriptions) {
+        let kick = {
+            let mut q = self.lock();
+            q.subscriptions = subscriptions;
+            q.drainer = Drainer::Running(actor.clone());
+            q.drain_queued = !q.messages.is_empty();
+            q.drain_queued
+        };
+        if kick && actor.cast(ModuleMsg::Drain).is_err() {
+            self.drain_lost();
         }
+    }
+
+    /// Holds messages for the next version (with its topics) while a swap hands state
+    /// over.
+    fn hold(&self, subscriptions: Subscriptions) {
+        let mut q = self.lock();
+        q.subscriptions = subscriptions;
+        q.drainer = Drainer::Held;
+    }
+
+    /// No actor runs the module any more: messages are dropped until one is attached.
+    /// What is queued stays for the next actor.
+    fn detach(&self, subscriptions: Subscriptions) {
+        let mut q = self.lock();
+        q.subscriptions = subscriptions;
+        q.drainer = Drainer::Stopped;
+        q.drain_queued = false;
+    }
+
+    /// A `Drain` could not reach its actor (it just stopped): the next push or the next
+    /// attached actor asks afresh.
+    fn drain_lost(&self) {
+        self.lock().drain_queued = false;
     }
 
     /// Returns the messages of a batch cut short to the front of the queue, in order,
@@ -466,15 +548,77 @@ impl Inbox {
             q.lingering = false;
         }
         if q.messages.is_empty() {
-            self.drain_queued.store(false, Ordering::Release);
+            q.drain_queued = false;
             return false;
         }
         std::mem::swap(&mut q.messages, batch);
         true
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().messages.len()
+    }
+}
+
+/// Where published messages go: every module's inbox by name, kept current by the
+/// sandbox supervisor and shared with whoever delivers messages (the node's gossip and
+/// outbox pumps). A message goes straight into the inboxes of the subscribed modules and
+/// wakes their drains, instead of first queueing in the supervisor's mailbox and being
+/// routed from there: that hop cost a task wake-up and a mailbox round per burst, on a
+/// path every published message takes.
+#[derive(Clone, Debug, Default)]
+pub struct Router {
+    routes: Arc<RwLock<BTreeMap<String, Route>>>,
+}
+
+#[derive(Clone, Debug)]
+struct Route {
+    inbox: Arc<Inbox>,
+    usage: Arc<Usage>,
+}
+
+impl Router {
+    /// Hands a published message to every module subscribed to its topic. A module
+    /// that is not running, or whose inbox is full, loses the message, and it is counted
+    /// in its usage. Returns how many modules queued it.
+    pub fn deliver(&self, topic: &str, data: Arc<[u8]>) -> usize {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        // Made once, on the first module, and shared by every queue it goes into.
+        let mut shared_topic: Option<Arc<str>> = None;
+        let mut queued = 0;
+        for (name, route) in routes.iter() {
+            let topic = shared_topic.get_or_insert_with(|| topic.into());
+            match route.inbox.push((topic.clone(), data.clone())) {
+                Pushed::NotSubscribed => {}
+                Pushed::Dropped => Usage::add(&route.usage.messages_dropped, 1),
+                Pushed::Queued => queued += 1,
+                Pushed::NeedsDrain(actor) => {
+                    queued += 1;
+                    if actor.cast(ModuleMsg::Drain).is_err() {
+                        // The actor just stopped; its successor drains the inbox when
+                        // the supervisor attaches it.
+                        route.inbox.drain_lost();
+                        tracing::debug!(module = %name, "message for a module that just stopped");
+                    }
+                }
+            }
+        }
+        queued
+    }
+
+    fn set(&self, name: &str, inbox: Arc<Inbox>, usage: Arc<Usage>) {
+        self.routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), Route { inbox, usage });
+    }
+
+    fn clear(&self) {
+        self.routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
@@ -483,8 +627,8 @@ pub enum ModuleMsg {
     Tick,
     /// Messages are waiting in the inbox.
     Drain,
-    /// Take the module's state for its next version and stop running ticks (messages are
-    /// no longer routed here once the supervisor asks this).
+    /// Take the module's state for its next version and stop running ticks (the
+    /// supervisor holds the inbox before asking this, so no further `Drain` is sent here).
     Snapshot(RpcReplyPort<Option<Vec<u8>>>),
     /// Hand the previous version's snapshot to `restore`; answers whether it was taken.
     Restore(Vec<u8>, RpcReplyPort<Result<bool, String>>),
@@ -700,7 +844,6 @@ impl Actor for ModuleActor {
     ) -> Result<(), ActorProcessingErr> {
         let queued = state.tick_queued.clone();
         let period = state.tick_interval;
-        let drain_ref = myself.clone();
         let ticker = tokio::spawn(async move {
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -720,10 +863,8 @@ impl Actor for ModuleActor {
             }
         });
         state.ticker = Some(AbortOnDrop(ticker));
-        // Messages that arrived while the module was restarting are still in its inbox.
-        if state.inbox.len() > 0 && !state.inbox.drain_queued.swap(true, Ordering::AcqRel) {
-            let _ = drain_ref.cast(ModuleMsg::Drain);
-        }
+        // Messages waiting in the inbox (from before a restart, or from a swap) are
+        // drained once the supervisor attaches the inbox to this actor.
         Ok(())
     }
 
@@ -742,15 +883,22 @@ impl Actor for ModuleActor {
                 state.with_sandbox("on_tick", |s| s.call("on_tick")).await?;
             }
             ModuleMsg::Drain => {
+                // A frozen version has handed its state over: the messages are the next
+                // version's, which is sent its own `Drain` when the inbox is attached.
+                if state.frozen {
+                    return Ok(());
+                }
                 // The drain stopped at the end of its slice: what is left waits behind
                 // whatever else is in the mailbox (a tick, a snapshot request). The flag
                 // is still set, so nobody else sends this `Drain`.
                 if state.drain().await? && myself.cast(ModuleMsg::Drain).is_err() {
-                    state.inbox.drain_queued.store(false, Ordering::Release);
+                    state.inbox.drain_lost();
                 }
             }
             ModuleMsg::Snapshot(reply) => {
-                // Everything routed here before the swap is handled by this version.
+                // Everything in the inbox now is handled by this version, and so is in
+                // the state it hands over; what arrives after its last drain waits for
+                // the next version.
                 while state.drain().await? {}
                 state.frozen = true;
                 // A snapshot that traps leaves the next version to start without state;
@@ -847,13 +995,6 @@ impl ModuleEntry {
         self.state = state;
         self.since_unix_ms = crate::unix_ms();
     }
-
-    fn subscribed(&self, topic: &str) -> bool {
-        self.subscriptions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(topic)
-    }
 }
 
 impl Actor for SandboxSupervisor {
@@ -867,6 +1008,8 @@ impl Actor for SandboxSupervisor {
         init: SupervisorInit,
     ) -> Result<Self::State, ActorProcessingErr> {
         let budget = init.args.config.quotas.budget.clone();
+        // The modules of a supervisor that ran before this one are gone with it.
+        init.args.router.clear();
         let (quota, _) = Actor::spawn_linked(None, QuotaActor, budget, myself.get_cell()).await?;
         Ok(SupervisorState {
             myself: BoundedRef::with_counter(myself, init.in_flight, SANDBOX_MAILBOX_MESSAGES_MAX),
@@ -900,7 +1043,6 @@ impl Actor for SandboxSupervisor {
                 // The asker may have timed out; nothing to do about it here.
                 let _ = reply.send(state.list());
             }
-            SandboxMsg::Deliver { topic, data } => state.deliver(&topic, &data),
             SandboxMsg::RestartDue { name, generation } => {
                 state.restart_due(myself.get_cell(), name, generation).await
             }
@@ -908,6 +1050,16 @@ impl Actor for SandboxSupervisor {
                 state.roll_back(myself.get_cell(), name, generation).await
             }
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // No module runs any more: published messages are not queued for them.
+        state.args.router.clear();
         Ok(())
     }
 
@@ -1016,6 +1168,8 @@ impl SupervisorState {
             Err(StartError::Start(reason)) => {
                 // Nothing is running under this name: the new version takes the slot and
                 // its failed start counts against its own restart budget.
+                inbox.detach(subscriptions.clone());
+                self.args.router.set(&d.name, inbox.clone(), usage.clone());
                 let entry = self.new_entry(
                     &d,
                     compiled,
@@ -1037,10 +1191,11 @@ impl SupervisorState {
             }
         };
 
-        // Hand over state: the old version finishes what is in its mailbox, snapshots
+        // Hand over state: the old version finishes what is in its inbox, snapshots
         // and freezes; the new one restores. Messages for this module that arrive
-        // meanwhile wait in this supervisor's (bounded) mailbox and go to the new version.
+        // meanwhile wait in its (bounded) inbox and go to the new version.
         if let Some(old_actor) = &old_running {
+            inbox.hold(subscriptions.clone());
             let wait = Duration::from_millis(quotas.call_ms.saturating_mul(2) + SWAP_SLACK_MS);
             let snapshot = ractor::call_t!(old_actor, ModuleMsg::Snapshot, wait.as_millis() as u64)
                 .ok()
@@ -1060,7 +1215,11 @@ impl SupervisorState {
                     // The new version cannot take the old one's state: call the swap off.
                     self.children.remove(&new_actor.get_id());
                     new_actor.stop(Some("swap called off".into()));
+                    // Thawed before it is sent a `Drain`, which a frozen version ignores.
                     let _ = old_actor.cast(ModuleMsg::Thaw);
+                    if let Some(old) = self.modules.get(&d.name) {
+                        inbox.attach(old_actor.clone(), old.subscriptions.clone());
+                    }
                     if let Some((v, q)) = self
                         .modules
                         .get(&d.name)
@@ -1075,6 +1234,8 @@ impl SupervisorState {
 
         let mut budget = RestartBudget::new(self.args.config.restart.clone());
         budget.on_start(Instant::now());
+        inbox.attach(new_actor.clone(), subscriptions.clone());
+        self.args.router.set(&d.name, inbox.clone(), usage.clone());
         let mut entry = self.new_entry(
             &d,
             compiled,
@@ -1263,6 +1424,9 @@ impl SupervisorState {
         match started {
             Ok(actor) => {
                 if let Some(entry) = self.modules.get_mut(&name) {
+                    entry
+                        .inbox
+                        .attach(actor.clone(), entry.subscriptions.clone());
                     entry.actor = Some(actor);
                     entry.budget.on_start(Instant::now());
                     entry.set_state(ModuleState::Running);
@@ -1296,9 +1460,9 @@ impl SupervisorState {
             return;
         };
         entry.actor = None;
-        // A `Drain` sent to the actor that failed is lost with it; its successor must be
-        // told about messages waiting in the inbox afresh.
-        entry.inbox.drain_queued.store(false, Ordering::Release);
+        // Messages are dropped (and counted) until a new actor runs; a `Drain` sent to
+        // the actor that failed is lost with it, so its successor is sent one afresh.
+        entry.inbox.detach(entry.subscriptions.clone());
         entry.generation = generation;
         let version = entry.version;
         match entry.budget.on_failure(Instant::now()) {
@@ -1465,33 +1629,6 @@ impl SupervisorState {
         }
     }
 
-    /// Routes a published message to every running module subscribed to its topic.
-    fn deliver(&mut self, topic: &str, data: &Arc<[u8]>) {
-        // Made once, on the first subscriber, and shared by every queue it goes into.
-        let mut shared_topic: Option<Arc<str>> = None;
-        for (name, entry) in &self.modules {
-            if !entry.subscribed(topic) {
-                continue;
-            }
-            let Some(actor) = &entry.actor else {
-                // Restarting or failed: the message is lost to it, and counted.
-                Usage::add(&entry.usage.messages_dropped, 1);
-                continue;
-            };
-            let topic = shared_topic.get_or_insert_with(|| topic.into());
-            let pushed = entry.inbox.push((topic.clone(), data.clone()));
-            if pushed == Pushed::Full {
-                Usage::add(&entry.usage.messages_dropped, 1);
-                continue;
-            }
-            if pushed == Pushed::NeedsDrain && actor.cast(ModuleMsg::Drain).is_err() {
-                // The actor just stopped; its successor drains the inbox when it starts.
-                entry.inbox.drain_queued.store(false, Ordering::Release);
-                tracing::debug!(module = %name, "message for a module that just stopped");
-            }
-        }
-    }
-
     fn reject(&mut self, d: &Deployment, reason: String) {
         tracing::warn!(module = %d.name, version = d.version, %reason, "deploy rejected");
         if let Some(entry) = self.modules.get_mut(&d.name) {
@@ -1614,32 +1751,88 @@ mod tests {
         ("t".into(), vec![n].into())
     }
 
-    #[test]
-    fn inbox_asks_for_one_drain_per_batch_and_refuses_beyond_its_bound() {
-        let inbox = Inbox::default();
-        assert_eq!(inbox.push(queued(0)), Pushed::NeedsDrain);
-        assert_eq!(inbox.push(queued(1)), Pushed::Queued);
+    /// Stands in for a module actor where only the inbox is under test: it takes its
+    /// `Drain`s and does nothing with them.
+    struct Idle;
+
+    impl Actor for Idle {
+        type Msg = ModuleMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<ModuleMsg>,
+            _args: (),
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    /// An inbox attached to an idle actor, subscribed to topic "t".
+    async fn attached_inbox() -> (Arc<Inbox>, ActorRef<ModuleMsg>) {
+        let (actor, _) = Actor::spawn(None, Idle, ()).await.unwrap();
+        let inbox = Arc::new(Inbox::default());
+        let subscriptions = Arc::new(Mutex::new(BTreeSet::from(["t".to_string()])));
+        inbox.attach(actor.clone(), subscriptions);
+        (inbox, actor)
+    }
+
+    #[tokio::test]
+    async fn inbox_asks_for_one_drain_per_batch_and_refuses_beyond_its_bound() {
+        let (inbox, actor) = attached_inbox().await;
+        assert!(
+            matches!(inbox.push(queued(0)), Pushed::NeedsDrain(a) if a.get_id() == actor.get_id())
+        );
+        assert!(matches!(inbox.push(queued(1)), Pushed::Queued));
         let mut batch = VecDeque::new();
         assert!(inbox.take_into(&mut batch, Duration::ZERO));
         assert_eq!(batch.len(), 2);
         batch.clear();
         // Still draining: messages arriving now are taken by the same drain.
-        assert_eq!(inbox.push(queued(2)), Pushed::Queued);
+        assert!(matches!(inbox.push(queued(2)), Pushed::Queued));
         assert!(inbox.take_into(&mut batch, Duration::ZERO));
         batch.clear();
         // The drain found nothing more and ended: the next message needs a new one.
         assert!(!inbox.take_into(&mut batch, Duration::ZERO));
-        assert_eq!(inbox.push(queued(3)), Pushed::NeedsDrain);
+        assert!(matches!(inbox.push(queued(3)), Pushed::NeedsDrain(_)));
         for i in 1..MODULE_MESSAGES_QUEUED_MAX {
-            assert_eq!(inbox.push(queued(i as u8)), Pushed::Queued);
+            assert!(matches!(inbox.push(queued(i as u8)), Pushed::Queued));
         }
-        assert_eq!(inbox.push(queued(0)), Pushed::Full);
+        assert!(matches!(inbox.push(queued(0)), Pushed::Dropped));
         assert_eq!(inbox.len(), MODULE_MESSAGES_QUEUED_MAX);
+        let other: Queued = ("other".into(), vec![0].into());
+        assert!(matches!(inbox.push(other), Pushed::NotSubscribed));
+        actor.stop(None);
     }
 
-    #[test]
-    fn a_lingering_drain_takes_the_next_message_without_a_new_drain() {
-        let inbox = Arc::new(Inbox::default());
+    #[tokio::test]
+    async fn inbox_holds_during_a_swap_and_drops_while_stopped() {
+        let (inbox, actor) = attached_inbox().await;
+        let subscriptions = Arc::new(Mutex::new(BTreeSet::from(["t".to_string()])));
+        // A swap: messages wait, and nobody is asked to drain them yet.
+        inbox.hold(subscriptions.clone());
+        assert!(matches!(inbox.push(queued(1)), Pushed::Queued));
+        assert!(matches!(inbox.push(queued(2)), Pushed::Queued));
+        // The next version is attached and asked at once for what waits.
+        inbox.attach(actor.clone(), subscriptions.clone());
+        assert!(inbox.lock().drain_queued);
+        assert!(matches!(inbox.push(queued(3)), Pushed::Queued));
+        // The actor failed: nothing more is queued, what waits stays for its successor.
+        inbox.detach(subscriptions.clone());
+        assert!(matches!(inbox.push(queued(4)), Pushed::Dropped));
+        assert_eq!(inbox.len(), 3);
+        assert!(!inbox.lock().drain_queued);
+        actor.stop(None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_lingering_drain_takes_the_next_message_without_a_new_drain() {
+        let (inbox, actor) = attached_inbox().await;
+        // A drain is running (it took the first message) and lingers for the next.
+        assert!(matches!(inbox.push(queued(0)), Pushed::NeedsDrain(_)));
+        let mut first = VecDeque::new();
+        assert!(inbox.take_into(&mut first, Duration::ZERO));
         let taker = std::thread::spawn({
             let inbox = inbox.clone();
             move || {
@@ -1652,14 +1845,16 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         // Without the lingering drain this message would ask for a `Drain`.
-        assert_eq!(inbox.push(queued(7)), Pushed::Queued);
+        assert!(matches!(inbox.push(queued(7)), Pushed::Queued));
         let (took, batch) = taker.join().unwrap();
         assert!(took);
         assert_eq!(&*batch[0].1, &[7]);
+        actor.stop(None);
     }
 
     struct Harness {
         sup: BoundedRef<SandboxMsg>,
+        router: Router,
         logs: mpsc::Receiver<LogLine>,
         events: mpsc::Receiver<SandboxEvent>,
         handle: tokio::task::JoinHandle<()>,
@@ -1683,6 +1878,7 @@ mod tests {
             let (logs_tx, logs) = mpsc::channel(4096);
             let (events_tx, events) = mpsc::channel(1024);
             let (outbox, mut published) = mpsc::channel::<Published>(1024);
+            let router = Router::default();
             let (sup, handle) = spawn_sandbox_supervisor(
                 SandboxSupervisorArgs {
                     engine: SandboxEngine::new().unwrap(),
@@ -1695,24 +1891,23 @@ mod tests {
                         outbox: Some(outbox),
                     },
                     store: Some(store.clone()),
+                    router: router.clone(),
                 },
                 None,
             )
             .await
             .unwrap();
-            // What the node does with published messages locally: hand them back to the
-            // supervisor for the subscribers.
-            let router = sup.clone();
+            // What the node does with published messages locally: hand them to the
+            // subscribers.
+            let local = router.clone();
             tokio::spawn(async move {
                 while let Some(m) = published.recv().await {
-                    let _ = router.try_send(SandboxMsg::Deliver {
-                        topic: m.topic,
-                        data: m.data.into(),
-                    });
+                    local.deliver(&m.topic, m.data.into());
                 }
             });
             Harness {
                 sup,
+                router,
                 logs,
                 events,
                 handle,
@@ -1778,12 +1973,7 @@ mod tests {
         }
 
         fn send(&self, topic: &str, data: &[u8]) {
-            self.sup
-                .try_send(SandboxMsg::Deliver {
-                    topic: topic.to_string(),
-                    data: data.into(),
-                })
-                .unwrap();
+            self.router.deliver(topic, data.into());
         }
 
         /// Polls `List` until `pred` holds for module `name`.
@@ -2295,18 +2485,34 @@ mod tests {
             h.send("count", b"x");
         }
         h.log_where(|l| l.text == "count 50").await;
-        // Messages 51..100 are queued for version 1 when the swap starts; 101..150
-        // arrive while it runs.
+        // Messages 51..100 are queued for version 1 when the deploy starts; more keep
+        // arriving, one a millisecond, while version 2 compiles and starts (version 1
+        // handles them), while the state is handed over (they wait in the inbox) and
+        // after version 2 took over, and then a last burst of 50.
         for _ in 0..50 {
             h.send("count", b"x");
         }
         h.deploy("counter", 2, &counter);
+        let mut sent = 100;
+        loop {
+            h.send("count", b"x");
+            sent += 1;
+            match tokio::time::timeout(Duration::from_millis(1), h.events.recv()).await {
+                Ok(Some(event)) => {
+                    expect_started(event, "counter", 2);
+                    break;
+                }
+                Ok(None) => panic!("event channel closed"),
+                Err(_) => assert!(sent < 100_000, "version 2 never started"),
+            }
+        }
         for _ in 0..50 {
             h.send("count", b"x");
         }
+        sent += 50;
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + EVENT_WAIT;
-        while seen.last().map(|(n, _)| *n) != Some(150) {
+        while seen.last().map(|(n, _)| *n) != Some(sent) {
             let line = tokio::time::timeout_at(deadline, h.logs.recv())
                 .await
                 .expect("not all messages were counted")
@@ -2317,7 +2523,7 @@ mod tests {
         let numbers: Vec<u32> = seen.iter().map(|(n, _)| *n).collect();
         assert_eq!(
             numbers,
-            (51..=150).collect::<Vec<_>>(),
+            (51..=sent).collect::<Vec<_>>(),
             "a message was lost or repeated"
         );
         // Version 2 took over with the count of version 1.

@@ -22,7 +22,8 @@ use mesh_actors::peers::{short_peer, NodeReport, PeerState, PeersMsg};
 use mesh_actors::releases::{ReleaseMsg, RELEASES_TOPIC};
 use mesh_actors::sandbox::{LogLine, SandboxEngine};
 use mesh_actors::sandbox_supervisor::{
-    FailureReport, ModuleState, SandboxEvent, SandboxMsg, SandboxSupervisorArgs, FAILURES_TOPIC,
+    FailureReport, ModuleState, Router, SandboxEvent, SandboxMsg, SandboxSupervisorArgs,
+    FAILURES_TOPIC,
 };
 use mesh_actors::store::ContentStore;
 use mesh_actors::trust::TrustPolicy;
@@ -131,6 +132,8 @@ struct Ctx {
     store: Arc<ContentStore>,
     engine: SandboxEngine,
     addrs: NodeAddrs,
+    /// Delivers published messages straight into subscribed modules' inboxes.
+    router: Router,
     transfers: Transfers,
     policy: TrustPolicy,
     admin_addr: String,
@@ -234,6 +237,7 @@ pub async fn run(
     let launched = TargetConfig::agent_from_env();
     targets.extend(launched.clone());
     let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let router = Router::default();
     let node_args = NodeArgs {
         store: store.clone(),
         swarm: swarm.clone(),
@@ -252,6 +256,7 @@ pub async fn run(
                 outbox: Some(outbox_tx),
             },
             store: Some(store.clone()),
+            router: router.clone(),
         },
         restart: config.sandbox.restart.clone(),
         addrs: addrs.clone(),
@@ -279,6 +284,7 @@ pub async fn run(
         store,
         engine,
         addrs,
+        router,
         transfers,
         admin_addr: admin_addr.clone(),
         listen: Mutex::new(listen.clone()),
@@ -446,13 +452,9 @@ fn stored_failures(store: &ContentStore) -> VecDeque<FailureInfo> {
 /// node's own subscribers (gossipsub does not deliver a node's messages to itself).
 async fn outbox_pump(ctx: Arc<Ctx>, mut outbox: tokio::sync::mpsc::Receiver<Published>) {
     while let Some(m) = outbox.recv().await {
-        let local = SandboxMsg::Deliver {
-            topic: m.topic.clone(),
-            data: m.data.clone().into(),
-        };
-        if let Err(e) = ctx.addrs.sandbox.try_send(local) {
-            tracing::debug!(module = %m.module, "delivering a published message locally: {e}");
-        }
+        // A subscriber whose inbox is full or that is not running loses the message;
+        // its usage counts it.
+        ctx.router.deliver(&m.topic, m.data.clone().into());
         if let Err(e) = ctx.swarm.publish(APP_TOPIC, m.encode()).await {
             tracing::debug!(module = %m.module, "gossiping a published message: {e}");
         }
@@ -567,10 +569,10 @@ fn on_gossip(
             Ok(())
         }
         APP_TOPIC => match Published::decode(data) {
-            Ok(m) => ctx.addrs.sandbox.try_send(SandboxMsg::Deliver {
-                topic: m.topic,
-                data: m.data.into(),
-            }),
+            Ok(m) => {
+                ctx.router.deliver(&m.topic, m.data.into());
+                Ok(())
+            }
             Err(e) => {
                 tracing::debug!(via = %short_peer(&via), "dropped a published message: {e}");
                 Ok(())
