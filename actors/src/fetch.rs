@@ -37,10 +37,11 @@ pub const PROVIDERS_PER_BLOB_MAX: usize = 64;
 pub const HAVE_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a download gossips what it holds. Every node checks the signature of
 /// every copy of a gossip message it receives (several per message, one per mesh
-/// peer), which in a fleet downloading together cost more CPU than the transfers at
-/// 4 announcements a second; connected peers learn the same from the direct queries
-/// every `HAVE_INTERVAL`, so gossip only has to reach the rest of the mesh.
-pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+/// peer), so the cost grows with the fleet's size squared: at one announcement a
+/// second, 32 nodes on two cores spent a sixth of their CPU on ed25519. Connected peers
+/// learn the same from the direct queries every `HAVE_INTERVAL`, so gossip only has to
+/// reach the rest of the mesh, and a completed download is announced at once.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(4);
 /// How often a download's progress is made durable.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// A checkpoint also starts once this many groups arrived since the last one (8 MiB),
@@ -505,7 +506,9 @@ async fn run(
             checkpointed_have = schedule.have_count();
             *checkpointing = Some(start_checkpoint(id, partial));
         }
+        // Nothing held yet is nothing to offer; that announcement would only cost.
         if now.duration_since(last_announce) >= ANNOUNCE_INTERVAL
+            && schedule.have_count() > 0
             && schedule.have_count() != announced_have
         {
             last_announce = now;
