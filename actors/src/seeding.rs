@@ -26,9 +26,10 @@ use mesh_transport::ContentId;
 pub const SENT_MEMORY: Duration = Duration::from_secs(10);
 /// Peers that fetched a blob within this long count as fetching it together.
 pub const FETCHERS_WINDOW: Duration = Duration::from_secs(2);
-/// Blobs whose sends are remembered; the least recently served is forgotten first
-/// (memory: one entry per group).
-pub const SEEDED_BLOBS_MAX: usize = 16;
+/// Blobs whose sends are remembered; the least recently served is forgotten first.
+/// Each costs 32 bytes a group, 2 MiB for a blob of the largest size (1 GiB), and a
+/// node rarely serves more than a release or two at once.
+pub const SEEDED_BLOBS_MAX: usize = 4;
 /// Runs of unsent groups named in one redirect (bounds the response).
 pub const FRESH_RUNS_MAX: usize = 64;
 /// Groups looked at when collecting those runs, so a redirect stays cheap on a large
@@ -337,6 +338,8 @@ mod tests {
             );
         }
         assert_eq!(s.blobs.len(), SEEDED_BLOBS_MAX);
+        // The memory figure SEEDED_BLOBS_MAX is sized by.
+        assert!(std::mem::size_of::<Sent>() <= 32);
         assert!(
             !s.blobs.contains_key(&id(0)),
             "the least recently used goes first"
