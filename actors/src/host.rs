@@ -12,12 +12,12 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use wasmtime::{Caller, Extern, Linker, Memory, ResourceLimiter, Val, ValType};
+use wasmtime::{AsContextMut, Caller, Extern, Linker, Memory, ResourceLimiter, Val, ValType};
 
 use crate::kv::{KvError, KvStore, KV_KEY_BYTES_MAX, KV_VALUE_BYTES_MAX};
 use crate::quota::{ModuleQuotas, TokenBucket, Usage};
@@ -211,6 +211,54 @@ pub(crate) struct Host {
     pub subscriptions: BTreeSet<String>,
     /// Bytes written to WASI stdout/stderr that do not end a line yet.
     pub stdio_line: Vec<u8>,
+    /// The current call's clock, for the time host calls spend blocked on IO.
+    pub call: CallClock,
+}
+
+/// Time a host call spends blocked on the disk (a durable `kv_set`, a `sensor_read`) is
+/// given back to the call's deadline, up to this much per call: a slow disk must not
+/// make a module overrun its CPU deadline and be restarted, and past this the deadline
+/// counts it again, so a guest cannot run forever on host calls.
+pub const HOST_BLOCKED_MS_MAX: u64 = 2_000;
+
+/// When the current call into the guest started, and how long its host calls were
+/// blocked (the deadline is the guest's own time, `call_ms_max`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallClock {
+    started: Instant,
+    blocked: Duration,
+    call_ms_max: u64,
+}
+
+impl CallClock {
+    pub fn start(call_ms_max: u64, now: Instant) -> CallClock {
+        CallClock {
+            started: now,
+            blocked: Duration::ZERO,
+            call_ms_max,
+        }
+    }
+
+    /// Records `blocked` spent in a host call, ending `now`; returns the milliseconds
+    /// of guest time the call has left.
+    pub fn blocked_for(&mut self, blocked: Duration, now: Instant) -> u64 {
+        self.blocked = (self.blocked + blocked).min(Duration::from_millis(HOST_BLOCKED_MS_MAX));
+        let guest = now
+            .duration_since(self.started)
+            .saturating_sub(self.blocked);
+        self.call_ms_max
+            .saturating_sub(u64::try_from(guest.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Gives the time since `since`, spent blocked in this host call, back to the call's
+/// deadline (see [`HOST_BLOCKED_MS_MAX`]).
+fn give_back_blocked(caller: &mut Caller<'_, Host>, since: Instant) {
+    let now = Instant::now();
+    let left = caller.data_mut().call.blocked_for(now - since, now);
+    caller
+        .as_context_mut()
+        .set_epoch_deadline(crate::sandbox::deadline_ticks(left));
 }
 
 impl Host {
@@ -245,6 +293,7 @@ impl Host {
             snapshot: None,
             subscriptions: BTreeSet::new(),
             stdio_line: Vec::new(),
+            call: CallClock::start(0, now),
         }
     }
 
@@ -574,8 +623,10 @@ fn host_sensor_read(
     }
     use std::io::Read;
     let mut bytes = Vec::new();
+    let since = Instant::now();
     let read = std::fs::File::open(&path)
         .and_then(|f| f.take(SENSOR_BYTES_MAX as u64).read_to_end(&mut bytes));
+    give_back_blocked(&mut caller, since);
     match read {
         Ok(_) => copy_out(&mut caller, mem, buf_ptr, buf_len, &bytes, "sensor_read"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(E_NOT_FOUND),
@@ -713,8 +764,16 @@ fn host_kv_set(
     }
     let key = read_guest(&mut caller, mem, key_ptr, key_len, "kv_set")?;
     let value = read_guest(&mut caller, mem, val_ptr, val_len, "kv_set")?;
+    let since = Instant::now();
+    let result = {
+        let host = caller.data();
+        kv.set(&host.module, &key, &value, host.quotas.state_bytes)
+    };
+    // The write is committed durably: on a busy disk that can take longer than the
+    // guest's whole deadline.
+    give_back_blocked(&mut caller, since);
     let host = caller.data();
-    match kv.set(&host.module, &key, &value, host.quotas.state_bytes) {
+    match result {
         Ok(used) => {
             host.usage.state_bytes.store(used, Ordering::Relaxed);
             Ok(0)
@@ -986,6 +1045,22 @@ fn stdio_write(host: &mut Host, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_blocked_in_host_calls_is_given_back_within_a_cap() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut c = CallClock::start(100, t0);
+        // 60 ms into the call, 50 of them blocked on the disk: 10 ms of guest time.
+        assert_eq!(c.blocked_for(ms(50), t0 + ms(60)), 90);
+        // Blocked time is given back only up to the cap: with 2 s more blocked, 50 ms
+        // later, the call is over its deadline (uncapped, it would have 40 ms left).
+        let late = t0 + ms(HOST_BLOCKED_MS_MAX + 110);
+        assert_eq!(c.blocked_for(ms(HOST_BLOCKED_MS_MAX), late), 0);
+        // Guest time alone still runs the deadline out.
+        let mut c = CallClock::start(100, t0);
+        assert_eq!(c.blocked_for(ms(0), t0 + ms(150)), 0);
+    }
 
     #[test]
     fn topics() {

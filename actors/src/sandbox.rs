@@ -571,6 +571,7 @@ impl Sandbox {
         let fuel_per_call = engine.inner.config.fuel_per_call;
         // Instantiation runs the module's start function, if it has one: same deadline.
         store.set_epoch_deadline(deadline_ticks(call_ms_max));
+        store.data_mut().call = crate::host::CallClock::start(call_ms_max, Instant::now());
         if let Some(fuel) = fuel_per_call {
             store.set_fuel(fuel).map_err(|e| InstantiateError::Failed {
                 reason: format!("setting fuel: {e:#}"),
@@ -639,6 +640,8 @@ impl Sandbox {
         self.store.data_mut().limiter.memory_limit_hit = false;
         self.store
             .set_epoch_deadline(deadline_ticks(self.call_ms_max));
+        self.store.data_mut().call =
+            crate::host::CallClock::start(self.call_ms_max, Instant::now());
         if let Some(fuel) = self.fuel_per_call {
             // Only fails when fuel is not enabled, which `fuel_per_call` says it is.
             let _ = self.store.set_fuel(fuel);
@@ -831,7 +834,7 @@ impl Sandbox {
 /// tick may come at any moment after the deadline is set. A call is therefore stopped
 /// between `call_ms_max` and `call_ms_max + EPOCH_TICK_MS` after it starts (plus however
 /// late the ticker thread gets scheduled).
-fn deadline_ticks(call_ms_max: u64) -> u64 {
+pub(crate) fn deadline_ticks(call_ms_max: u64) -> u64 {
     call_ms_max.div_ceil(EPOCH_TICK_MS).saturating_add(1)
 }
 

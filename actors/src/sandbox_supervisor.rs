@@ -2593,14 +2593,22 @@ mod tests {
         h.kv.set("sensor", b"path", path, 1 << 20).unwrap();
         // The aggregator writes its count durably on every reading; on a loaded machine a
         // commit can take a good part of a tick, so it gets a whole core of CPU share (the
-        // meter charges wall time) and is never throttled into dropping readings.
+        // meter charges wall time) and is never throttled into dropping readings. The
+        // well-behaved pair also gets the longest deadline the policy allows: a deadline
+        // is wall time, and a thread descheduled for 50 ms on a starved machine (the
+        // tests' default) is not what this test is about; the hostile guests keep theirs.
         let whole_core = Quotas {
             cpu_share_permille: Some(1000),
+            call_ms: Some(DEFAULT_CALL_MS_MAX),
             ..Quotas::default()
         };
         h.deploy_bytes("aggregator", 1, c("aggregator"), whole_core);
         expect_started(h.event().await, "aggregator", 1);
-        h.deploy_bytes("sensor", 1, c("sensor"), Quotas::default());
+        let patient = Quotas {
+            call_ms: Some(DEFAULT_CALL_MS_MAX),
+            ..Quotas::default()
+        };
+        h.deploy_bytes("sensor", 1, c("sensor"), patient);
         expect_started(h.event().await, "sensor", 1);
         let line = h.log_where(|l| l.module == "sensor").await;
         assert_eq!(line.text, format!("sensor reading {}", sensor.display()));
