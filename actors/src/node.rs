@@ -392,21 +392,19 @@ impl Server<'_> {
         start: u64,
         end: u64,
     ) -> Decision {
+        let groups = crate::verified::groups_of(size);
+        if start >= end || end > groups || end - start > crate::verified::GROUPS_PER_REQUEST_MAX {
+            // Not a valid request: the encoder refuses it, and it must not count as sent
+            // (a peer could otherwise hold back every group from the others).
+            return Decision::Serve;
+        }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(self.peer, &mut h);
         let tag = std::hash::Hasher::finish(&h);
         self.seeding
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .decide(
-                id,
-                crate::verified::groups_of(size),
-                holds,
-                tag,
-                start,
-                end,
-                self.now,
-            )
+            .decide(id, groups, holds, tag, start, end, self.now)
     }
 }
 
@@ -450,10 +448,18 @@ pub fn serve(
             match transfers.partial(id) {
                 Some(p) => {
                     let p = p.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Decision::Elsewhere(fresh) =
-                        from.decide(*id, p.size(), Some(&|g| p.has_group(g)), *start, *end)
-                    {
-                        return BlobResponse::Elsewhere { fresh };
+                    // Groups it does not hold yet (or a range too long to be a valid
+                    // request) are answered below, and must not count as sent.
+                    let held = end.saturating_sub(*start)
+                        <= crate::verified::GROUPS_PER_REQUEST_MAX
+                        && (*start..*end).all(|g| p.has_group(g));
+                    if held {
+                        let holds = |g| p.has_group(g);
+                        if let Decision::Elsewhere(fresh) =
+                            from.decide(*id, p.size(), Some(&holds), *start, *end)
+                        {
+                            return BlobResponse::Elsewhere { fresh };
+                        }
                     }
                     match p.encode(*start, *end) {
                         Ok(bytes) => BlobResponse::Encoded(bytes),
@@ -753,6 +759,49 @@ impl NodeSupervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serving_redirects_repeats_and_ignores_invalid_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let blob: Vec<u8> = (0..64 * crate::verified::GROUP_BYTES)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let id = ContentId::of(&blob);
+        store.put(&id, &blob).unwrap();
+        let transfers = Transfers::default();
+        let seeding = Mutex::new(Seeding::new());
+        let peer = |n: u8| {
+            mesh_transport::SecretKey::from_seed([n; 32])
+                .public()
+                .peer_id()
+                .unwrap()
+        };
+        let (a, b, c) = (peer(1), peer(2), peer(3));
+        let ask = |who: &PeerId, start: u64, end: u64| {
+            let from = Server {
+                seeding: &seeding,
+                peer: who,
+                now: Instant::now(),
+            };
+            serve(
+                &store,
+                &transfers,
+                &from,
+                &BlobRequest::Groups { id, start, end },
+            )
+        };
+        assert!(matches!(ask(&a, 0, 16), BlobResponse::Encoded(_)));
+        // A range no valid request has is refused and holds nothing back.
+        assert!(matches!(ask(&c, 0, u64::MAX), BlobResponse::Invalid(_)));
+        assert!(matches!(ask(&b, 16, 32), BlobResponse::Encoded(_)));
+        // What went to A is not sent to B again while both fetch: B is pointed at the
+        // groups nobody was sent.
+        match ask(&b, 0, 16) {
+            BlobResponse::Elsewhere { fresh } => assert_eq!(fresh, vec![(32, 64)]),
+            r => panic!("expected a redirect, got {r:?}"),
+        }
+    }
 
     #[test]
     fn the_scrub_checks_a_blob_once_its_allowance_covers_it_and_saves_no_more() {
