@@ -256,9 +256,14 @@ impl CallClock {
 fn give_back_blocked(caller: &mut Caller<'_, Host>, since: Instant) {
     let now = Instant::now();
     let left = caller.data_mut().call.blocked_for(now - since, now);
-    caller
-        .as_context_mut()
-        .set_epoch_deadline(crate::sandbox::deadline_ticks(left));
+    // A call already past its deadline traps at its next check; a deadline of even one
+    // tick would let a guest that loops on host calls push it back for ever.
+    let ticks = if left == 0 {
+        0
+    } else {
+        crate::sandbox::deadline_ticks(left)
+    };
+    caller.as_context_mut().set_epoch_deadline(ticks);
 }
 
 impl Host {

@@ -640,13 +640,13 @@ impl Sandbox {
         self.store.data_mut().limiter.memory_limit_hit = false;
         self.store
             .set_epoch_deadline(deadline_ticks(self.call_ms_max));
-        self.store.data_mut().call =
-            crate::host::CallClock::start(self.call_ms_max, Instant::now());
         if let Some(fuel) = self.fuel_per_call {
             // Only fails when fuel is not enabled, which `fuel_per_call` says it is.
             let _ = self.store.set_fuel(fuel);
         }
+        // One clock read serves both the CPU meter and the host calls' deadline clock.
         let started = Instant::now();
+        self.store.data_mut().call = crate::host::CallClock::start(self.call_ms_max, started);
         let result = f(&mut self.store);
         let ended = Instant::now();
         let took = ended.saturating_duration_since(started);

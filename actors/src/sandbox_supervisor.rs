@@ -68,6 +68,9 @@ pub const RESTART_RETRY_MS: u64 = 50;
 /// Extra time the supervisor gives a module actor to answer a snapshot request beyond
 /// the module's own call deadline (the request may wait behind one message).
 pub const SWAP_SLACK_MS: u64 = 2_000;
+/// The old version's last drain before its snapshot stops after this long, well inside
+/// [`SWAP_SLACK_MS`], so a steady stream of messages cannot outlast the swap's wait.
+pub const SNAPSHOT_DRAIN_MS_MAX: u64 = SWAP_SLACK_MS / 2;
 /// Names whose deploy was refused while nothing ran under them, kept for `List`; a
 /// node runs a few dozen modules, so more refused names than this are only logged.
 pub const REFUSED_NAMES_MAX: usize = 64;
@@ -367,7 +370,7 @@ pub struct ModuleArgs {
     setup: InstanceSetup,
     tick_interval: Duration,
     /// Where the module's subscriptions are published once `init` has run.
-    subscriptions: Arc<Mutex<BTreeSet<String>>>,
+    subscriptions: Subscriptions,
     /// Messages routed to this module and not yet handled (shared with the supervisor).
     inbox: Arc<Inbox>,
     kv_used: Option<Arc<crate::kv::KvStore>>,
@@ -898,8 +901,14 @@ impl Actor for ModuleActor {
             ModuleMsg::Snapshot(reply) => {
                 // Everything in the inbox now is handled by this version, and so is in
                 // the state it hands over; what arrives after its last drain waits for
-                // the next version.
-                while state.drain().await? {}
+                // the next version. A steady stream would keep the drain going past the
+                // supervisor's wait and the state would be lost, so it stops after
+                // SNAPSHOT_DRAIN_MS_MAX and what is left goes to the next version.
+                let draining = Instant::now();
+                while state.drain().await?
+                    && draining.elapsed() < Duration::from_millis(SNAPSHOT_DRAIN_MS_MAX)
+                {
+                }
                 state.frozen = true;
                 // A snapshot that traps leaves the next version to start without state;
                 // the old version is being stopped either way.
@@ -968,7 +977,7 @@ struct ModuleEntry {
     generation: u64,
     actor: Option<ActorRef<ModuleMsg>>,
     usage: Arc<Usage>,
-    subscriptions: Arc<Mutex<BTreeSet<String>>>,
+    subscriptions: Subscriptions,
     inbox: Arc<Inbox>,
     rolled_back_from: Option<RolledBackFrom>,
     last_refusal: Option<Refusal>,
@@ -1275,7 +1284,7 @@ impl SupervisorState {
         generation: u64,
         actor: Option<ActorRef<ModuleMsg>>,
         usage: Arc<Usage>,
-        subscriptions: Arc<Mutex<BTreeSet<String>>>,
+        subscriptions: Subscriptions,
         inbox: Arc<Inbox>,
     ) -> ModuleEntry {
         ModuleEntry {
@@ -1311,7 +1320,7 @@ impl SupervisorState {
         quotas: &ModuleQuotas,
         generation: u64,
         usage: Arc<Usage>,
-        subscriptions: Arc<Mutex<BTreeSet<String>>>,
+        subscriptions: Subscriptions,
         inbox: Arc<Inbox>,
     ) -> Result<ActorRef<ModuleMsg>, StartError> {
         let reservation = quotas.reservation();

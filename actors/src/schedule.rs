@@ -210,6 +210,21 @@ impl Schedule {
 
     /// Records what a peer holds: `None` for the whole blob, else runs of groups.
     pub fn set_peer(&mut self, peer: PeerId, ranges: Option<Vec<(u64, u64)>>, now: Instant) {
+        // A peer that redirected a request is asked only for what it named, whatever
+        // it says it holds, until its view runs out.
+        if self
+            .peers
+            .get(&peer)
+            .is_some_and(|p| p.redirected_until > now)
+        {
+            return;
+        }
+        self.replace_ranges(peer, ranges, now);
+    }
+
+    /// Sets what a peer offers (merged runs, or `None` for everything) and keeps the
+    /// availability counts in step.
+    fn replace_ranges(&mut self, peer: PeerId, ranges: Option<Vec<(u64, u64)>>, now: Instant) {
         let ranges = ranges.map(|mut r| {
             r.retain(|(s, e)| s < e);
             r.sort_unstable();
@@ -225,7 +240,7 @@ impl Schedule {
             merged
         });
         if let Some(p) = self.peers.get(&peer) {
-            if p.ranges == ranges || p.redirected_until > now {
+            if p.ranges == ranges {
                 return;
             }
             if !p.banned {
@@ -569,10 +584,7 @@ impl Schedule {
             return;
         }
         fresh.truncate(crate::seeding::FRESH_RUNS_MAX);
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.redirected_until = now;
-        }
-        self.set_peer(peer, Some(fresh), now);
+        self.replace_ranges(peer, Some(fresh), now);
         if let Some(p) = self.peers.get_mut(&peer) {
             p.redirected_until = now + REDIRECT_VIEW;
         }

@@ -159,15 +159,12 @@ impl Seeding {
             Some((t, _)) => s.count <= min || now.duration_since(t) >= SENT_MEMORY,
         };
         let fresh = |s: &Sent| due(s) || s.last.is_some_and(|(_, p)| p == peer);
-        let fresh_count = blob.sent[start as usize..end as usize]
-            .iter()
-            .filter(|s| fresh(s))
-            .count() as u64;
+        let all_fresh = blob.sent[start as usize..end as usize].iter().all(fresh);
         // Alone, a fetcher is never redirected: there is nobody to take the groups from.
         // With others, only a request for groups that are all due is served; one that
         // repeats some is pointed at the due runs, which start at its first due group,
         // so it costs the requester one round trip and the uplink nothing.
-        if blob.fetchers.len() < 2 || fresh_count == end - start {
+        if blob.fetchers.len() < 2 || all_fresh {
             for g in start..end {
                 blob.mark(g, peer, now);
             }

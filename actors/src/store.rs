@@ -12,7 +12,7 @@
 //! without system calls. Every read re-hashes the file, so disk corruption is reported
 //! instead of served to peers or installed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -61,9 +61,11 @@ const FAILURE_REPORTS: TableDefinition<u64, (&str, &[u8])> =
 /// Failure reports kept in the database; the oldest go first. Reports are a few hundred
 /// bytes, and a few hundred cover a fleet's recent bad releases many times over.
 pub const FAILURE_REPORTS_KEPT_MAX: usize = 256;
-/// A stored failure report larger than this is refused: the gossiped ones are limited to
-/// 4 KiB when they are decoded, so anything larger is not a report.
-pub const FAILURE_REPORT_STORED_BYTES_MAX: usize = 8 * 1024;
+/// A stored failure report larger than this is refused: the gossiped ones are limited
+/// when they are decoded, so anything larger (with room for the reporter's name) is not
+/// a report.
+pub const FAILURE_REPORT_STORED_BYTES_MAX: usize =
+    2 * crate::sandbox_supervisor::FAILURE_REPORT_BYTES_MAX;
 
 /// Errors from opening a content store.
 #[derive(Debug, thiserror::Error)]
@@ -194,9 +196,25 @@ struct Blobs {
     bytes_max: AtomicU64,
     /// Size of every complete blob, by id.
     index: Mutex<HashMap<ContentId, u64>>,
+    /// Blobs being moved to quarantine and salvaged: still "held", so no download of
+    /// them starts (and opens the same partial files) until the salvage is done.
+    quarantining: Mutex<HashSet<ContentId>>,
 }
 
 impl Blobs {
+    /// Queues a damaged blob to be fetched again, once; past [`DAMAGED_QUEUE_MAX`] the
+    /// oldest entry goes.
+    fn enqueue_damaged(&self, id: ContentId, size: u64) {
+        let mut queue = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.iter().any(|(d, _)| *d == id) {
+            return;
+        }
+        if queue.len() >= DAMAGED_QUEUE_MAX {
+            queue.remove(0);
+        }
+        queue.push((id, size));
+    }
+
     fn index(&self) -> MutexGuard<'_, HashMap<ContentId, u64>> {
         // Every critical section is a single map operation, so the map is consistent even
         // if a holder panicked.
@@ -325,6 +343,9 @@ impl ContentStore {
         let txn = db.begin_write().map_err(|e| db_err(redb_err(e)))?;
         txn.open_table(CURRENT).map_err(|e| db_err(redb_err(e)))?;
         txn.open_table(PREVIOUS).map_err(|e| db_err(redb_err(e)))?;
+        txn.open_table(FAILED).map_err(|e| db_err(redb_err(e)))?;
+        txn.open_table(FAILURE_REPORTS)
+            .map_err(|e| db_err(redb_err(e)))?;
         txn.commit().map_err(|e| db_err(redb_err(e)))?;
 
         tracing::debug!(blobs = index.len(), dir = %dir.display(), "content store open");
@@ -338,6 +359,7 @@ impl ContentStore {
                 damaged: Mutex::new(Vec::new()),
                 bytes_max: AtomicU64::new(u64::MAX),
                 index: Mutex::new(index),
+                quarantining: Mutex::new(HashSet::new()),
             }),
             db,
         };
@@ -376,18 +398,24 @@ impl ContentStore {
             }
             named.insert(m.content, m.size);
         }
-        let mut queue = self.blobs.damaged.lock().unwrap_or_else(|e| e.into_inner());
         for id in missing {
             let Some(size) = named.get(&id) else { continue };
-            if queue.len() < DAMAGED_QUEUE_MAX && !queue.iter().any(|(d, _)| *d == id) {
-                tracing::info!(blob = %id, "a quarantined blob that a release names is to be fetched again");
-                queue.push((id, *size));
-            }
+            tracing::info!(blob = %id, "a quarantined blob that a release names is to be fetched again");
+            self.blobs.enqueue_damaged(id, *size);
         }
     }
 
     pub fn has(&self, id: &ContentId) -> bool {
-        self.blobs.index().contains_key(id)
+        // One lock at a time (quarantine takes them in the other order).
+        let indexed = self.blobs.index().contains_key(id);
+        indexed || self.quarantining().contains(id)
+    }
+
+    fn quarantining(&self) -> MutexGuard<'_, HashSet<ContentId>> {
+        self.blobs
+            .quarantining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Caps the bytes of complete blobs plus downloads in progress.
@@ -701,12 +729,7 @@ impl ContentStore {
     /// The newest version of (kind, name) that failed on this node, if any.
     pub fn failed_version(&self, kind: ReleaseKind, name: &str) -> Result<Option<u64>, ReadError> {
         let txn = self.db.begin_read().map_err(redb_err)?;
-        // The table is created by the first failure; before that nothing has failed.
-        let table = match txn.open_table(FAILED) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(redb_err(e).into()),
-        };
+        let table = txn.open_table(FAILED).map_err(redb_err)?;
         let version = table
             .get(release_key(kind, name).as_str())
             .map_err(redb_err)?
@@ -736,8 +759,7 @@ impl ContentStore {
                 None => 0,
             };
             table.insert(next, (reporter, report)).map_err(redb_err)?;
-            let kept = usize::try_from(table.len().map_err(redb_err)?).unwrap_or(usize::MAX);
-            for _ in FAILURE_REPORTS_KEPT_MAX..kept {
+            while table.len().map_err(redb_err)? > FAILURE_REPORTS_KEPT_MAX as u64 {
                 table.pop_first().map_err(redb_err)?;
             }
         }
@@ -749,12 +771,7 @@ impl ContentStore {
     /// decodes them with its own size limit: the bytes came from peers.
     pub fn failure_reports(&self) -> Result<Vec<(String, Vec<u8>)>, ReadError> {
         let txn = self.db.begin_read().map_err(redb_err)?;
-        // The table is created by the first report; before that there are none.
-        let table = match txn.open_table(FAILURE_REPORTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(redb_err(e).into()),
-        };
+        let table = txn.open_table(FAILURE_REPORTS).map_err(redb_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(redb_err)? {
             let (_, value) = row.map_err(redb_err)?;
@@ -855,11 +872,17 @@ impl ContentStore {
     /// joins the queue of blobs to fetch again, keeping its verified groups when it had
     /// an outboard to check them with. Returns whether the blob was in the store.
     pub fn quarantine(&self, id: &ContentId, why: &str) -> bool {
-        // The blob stays in the index until its verified groups are salvaged, so no
-        // download of it can start (and open the same partial files) meanwhile; the
-        // file itself is gone from where it is served as soon as it is renamed.
-        let Some(size) = self.blobs.index().get(id).copied() else {
-            return false;
+        // The blob leaves the index at once (a reader finding its file gone would
+        // remove it anyway) but counts as held until its verified groups are salvaged,
+        // so no download of it can start (and open the same partial files) meanwhile,
+        // and a second quarantine of it finds nothing to do.
+        let size = {
+            let mut quarantining = self.quarantining();
+            let Some(size) = self.blobs.index().remove(id) else {
+                return false;
+            };
+            quarantining.insert(*id);
+            size
         };
         let path = self.blobs.blob_path(id);
         let ob_path = self.blobs.outboards_dir.join(id.to_string());
@@ -897,16 +920,10 @@ impl ContentStore {
             .is_ok(),
             _ => false,
         };
-        self.blobs.index().remove(id);
+        self.quarantining().remove(id);
         tracing::error!(blob = %id, size, %why, salvaged, "blob failed verification: quarantined, to be fetched again");
         self.prune_quarantine();
-        let mut queue = self.blobs.damaged.lock().unwrap_or_else(|e| e.into_inner());
-        if !queue.iter().any(|(d, _)| d == id) {
-            if queue.len() >= DAMAGED_QUEUE_MAX {
-                queue.remove(0);
-            }
-            queue.push((*id, size));
-        }
+        self.blobs.enqueue_damaged(*id, size);
         true
     }
 

@@ -436,7 +436,8 @@ impl PartialBlob {
     /// each atomically, so a checkpoint never claims a group whose data is not on disk.
     pub fn checkpoint(&mut self) -> Result<(), VerifiedError> {
         match self.begin_checkpoint()? {
-            Some(c) => c.write(),
+            // Failed, the groups it covered are still to be made durable next time.
+            Some(c) => c.write().inspect_err(|_| self.mark_dirty()),
             None => Ok(()),
         }
     }

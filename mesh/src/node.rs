@@ -143,6 +143,8 @@ struct Ctx {
     failures: Mutex<VecDeque<FailureInfo>>,
     /// Firmware failures peers reported, newest last.
     firmware_failures: Mutex<VecDeque<FirmwareFailureInfo>>,
+    /// Failure-report writes to the store waiting or running.
+    failure_writes: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a node's run ended.
@@ -291,6 +293,7 @@ pub async fn run(
         logs: Mutex::new(VecDeque::new()),
         failures: Mutex::new(failures),
         firmware_failures: Mutex::new(VecDeque::new()),
+        failure_writes: Arc::new(tokio::sync::Semaphore::new(FAILURE_WRITES_PENDING_MAX)),
     });
 
     let run_info = RunInfo {
@@ -394,29 +397,25 @@ async fn sandbox_events(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<S
 /// message. Past this, a report is kept in memory only (and said so in the log).
 const FAILURE_WRITES_PENDING_MAX: usize = 16;
 
-/// Failure-report writes now waiting or running (one node per process).
-static FAILURE_WRITES_PENDING: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
-
 /// Keeps a failure report in memory for `mesh modules` and in the store, so that it is
 /// still known after a restart.
 fn remember_failure(ctx: &Ctx, reporter: String, report: FailureReport) {
-    use std::sync::atomic::Ordering;
-    let store = ctx.store.clone();
-    let (who, bytes) = (reporter.clone(), report.encode());
-    if FAILURE_WRITES_PENDING.fetch_add(1, Ordering::SeqCst) >= FAILURE_WRITES_PENDING_MAX {
-        FAILURE_WRITES_PENDING.fetch_sub(1, Ordering::SeqCst);
-        tracing::warn!(
-            "not storing a failure report from {who}: {FAILURE_WRITES_PENDING_MAX} writes are already pending; it is kept in memory only"
-        );
-    } else {
-        // A database write waits for the disk; reports are rare, but not on the runtime.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.record_failure_report(&who, &bytes) {
-                tracing::warn!("storing a failure report from {who}: {e}");
-            }
-            FAILURE_WRITES_PENDING.fetch_sub(1, Ordering::SeqCst);
-        });
+    match ctx.failure_writes.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let store = ctx.store.clone();
+            let (who, bytes) = (reporter.clone(), report.encode());
+            // A database write waits for the disk; reports are rare, but not on the
+            // runtime. The permit goes with the write, so it is returned however it ends.
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                if let Err(e) = store.record_failure_report(&who, &bytes) {
+                    tracing::warn!("storing a failure report from {who}: {e}");
+                }
+            });
+        }
+        Err(_) => tracing::warn!(
+            "not storing a failure report from {reporter}: {FAILURE_WRITES_PENDING_MAX} writes are already pending; it is kept in memory only"
+        ),
     }
     let mut list = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
     if list.len() >= FAILURES_KEPT_MAX {
@@ -435,15 +434,13 @@ fn stored_failures(store: &ContentStore) -> VecDeque<FailureInfo> {
             return VecDeque::new();
         }
     };
+    // The store keeps at most FAILURE_REPORTS_KEPT_MAX (= FAILURES_KEPT_MAX) of them.
     let mut out = VecDeque::with_capacity(rows.len());
     for (reporter, bytes) in rows {
         match FailureReport::decode(&bytes) {
             Ok(report) => out.push_back(FailureInfo { reporter, report }),
             Err(e) => tracing::warn!("skipping a stored failure report from {reporter}: {e}"),
         }
-    }
-    while out.len() > FAILURES_KEPT_MAX {
-        out.pop_front();
     }
     out
 }
@@ -454,7 +451,7 @@ async fn outbox_pump(ctx: Arc<Ctx>, mut outbox: tokio::sync::mpsc::Receiver<Publ
     while let Some(m) = outbox.recv().await {
         // A subscriber whose inbox is full or that is not running loses the message;
         // its usage counts it.
-        ctx.router.deliver(&m.topic, m.data.clone().into());
+        ctx.router.deliver(&m.topic, Arc::from(&m.data[..]));
         if let Err(e) = ctx.swarm.publish(APP_TOPIC, m.encode()).await {
             tracing::debug!(module = %m.module, "gossiping a published message: {e}");
         }
