@@ -43,6 +43,8 @@ pub enum ConfigError {
     Label { label: String },
     #[error("no user data directory is known on this system; pass --state DIR")]
     NoStateDir,
+    #[error("resolving the state directory {path}: {reason}")]
+    StateDir { path: String, reason: String },
     #[error("checking firmware target {name:?}: {reason}")]
     Firmware { name: String, reason: String },
 }
@@ -217,6 +219,12 @@ impl NodeConfig {
                 .ok_or(ConfigError::NoStateDir)?
                 .join("mesh"),
         };
+        // The compiled-module cache needs an absolute path, and the launcher starts the
+        // agent from wherever it runs: a relative `--state` means the current directory's.
+        let state_dir = std::path::absolute(&state_dir).map_err(|e| ConfigError::StateDir {
+            path: state_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let key_path = flags
             .key
             .clone()
@@ -517,5 +525,20 @@ mod tests {
         std::fs::write(&path, "unknown_field = 1\n").unwrap();
         let err = NodeConfig::resolve(&flags).unwrap_err().to_string();
         assert!(err.contains("parsing config file"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_state_dir_is_made_absolute() {
+        let flags = AgentFlags {
+            state: Some(PathBuf::from("relative/state")),
+            ..AgentFlags::default()
+        };
+        let c = NodeConfig::resolve(&flags).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(c.state_dir, cwd.join("relative/state"));
+        assert_eq!(
+            c.sandbox.engine.cache_dir,
+            Some(cwd.join("relative/state/cache"))
+        );
     }
 }

@@ -338,6 +338,9 @@ pub async fn run(
     tracing::info!(?exit, "shutting down");
     supervisor.stop(Some("shutdown".into()));
     let _ = tokio::time::timeout(Duration::from_secs(5), &mut supervisor_done).await;
+    // Closing the connections tells peers at once; otherwise they keep the dead
+    // connections until their idle timeout, and a restart would find them there.
+    ctx.swarm.close().await;
     Ok(exit)
 }
 

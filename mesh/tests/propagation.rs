@@ -1,5 +1,7 @@
 //! A release published at one node reaches every node, runs there, and reaches a node
-//! that was killed while it was published once that node restarts.
+//! that was killed while it was published once that node restarts. A node killed and
+//! started again at once is heard again, though its peers still hold its dead
+//! connection.
 
 mod common;
 
@@ -119,6 +121,49 @@ fn publish_propagates_runs_everywhere_and_a_killed_node_catches_up() {
     });
     // It kept its identity across the restart.
     assert_eq!(n2.info.node.to_string(), node2_id);
+}
+
+/// The admin address node0 last heard from node1's gossiped report.
+fn reported_admin(n0: &TestNode, key: &std::path::Path, node1: &str) -> Option<String> {
+    let peers = n0.json(key, &["peers"]);
+    peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == node1)
+        .and_then(|p| p["admin"].as_str().map(str::to_string))
+}
+
+/// node1 is killed and started again at once, with the same identity and address, so
+/// its first connection back joins the dead process's connection that node0 still
+/// holds. Gossipsub sends its subscriptions only on a peer's first connection, so
+/// unless node0 starts the connection over, node1 never learns them and its reports
+/// (which carry its new admin port) never reach node0.
+#[test]
+fn a_node_restarted_at_once_is_heard_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new(dir.path());
+    let key = keys.operator.as_path();
+    let (n0, mut n1) = connected_pair(dir.path(), &keys, &[]);
+    let node1 = n1.info.node.to_string();
+    wait_until("node0 has node1's report", || {
+        reported_admin(&n0, key, &node1).as_deref() == Some(n1.info.admin.as_str())
+    });
+    for round in 0..2 {
+        let before = n1.info.admin.clone();
+        n1.restart();
+        assert_ne!(n1.info.admin, before, "the admin port is chosen afresh");
+        wait_until(
+            &format!("node0 hears the restarted node1's report (round {round})"),
+            || reported_admin(&n0, key, &node1).as_deref() == Some(n1.info.admin.as_str()),
+        );
+    }
+    assert!(
+        n0.log_text()
+            .contains("peer restarted while its old connection lingered"),
+        "node0 never saw a restart over a lingering connection:\n{}",
+        n0.log_text()
+    );
 }
 
 #[test]

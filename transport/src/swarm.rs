@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt, StreamExt};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, StreamProtocol};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -46,9 +46,9 @@ pub const INBOUND_PENDING_MAX: usize = 256;
 /// Concurrent request streams per connection and protocol.
 pub const STREAMS_PER_CONNECTION_MAX: usize = 64;
 
-/// A second connection to a peer whose first is older than this is a restarted peer,
-/// not two sides dialing each other at once.
-const STALE_CONNECTION_AGE: Duration = Duration::from_secs(10);
+/// How long a closing node waits for its connections to close, so its peers hear of it
+/// at once instead of after their idle timeout; a dead link costs no more than this.
+pub const CLOSE_WAIT_MS_MAX: u64 = 500;
 /// How often kad looks for nodes again; a few small queries each time.
 const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -230,6 +230,7 @@ enum Command {
         reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
     },
     Info(oneshot::Sender<SwarmInfo>),
+    Close(oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable handle to the driver.
@@ -246,6 +247,18 @@ impl SwarmHandle {
 
     pub async fn dial(&self, addr: Multiaddr) {
         let _ = self.commands.send(Command::Dial(addr)).await;
+    }
+
+    /// Closes every connection and stops the driver, waiting at most
+    /// [`CLOSE_WAIT_MS_MAX`]. A peer that hears the close drops the connection at once;
+    /// one that does not keeps it until its idle timeout, and a restarted node with the
+    /// same identity would then be a second connection (see [`Run`]).
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Close(tx)).await.is_ok() {
+            let wait = Duration::from_millis(CLOSE_WAIT_MS_MAX + 250);
+            let _ = tokio::time::timeout(wait, rx).await;
+        }
     }
 
     pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), PublishError> {
@@ -329,6 +342,7 @@ pub async fn spawn(
     let local_peer = keypair.public().to_peer_id();
     let idle_ms = u32::try_from(config.idle_timeout.as_millis()).unwrap_or(u32::MAX);
     let cfg = config.clone();
+    let boot: u64 = rand::random();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic_config(move |mut q| {
@@ -336,7 +350,7 @@ pub async fn spawn(
             q.keep_alive_interval = Duration::from_millis(u64::from(idle_ms / 3).max(100));
             q
         })
-        .with_behaviour(|key| build_behaviour(key, &cfg))
+        .with_behaviour(|key| build_behaviour(key, &cfg, boot))
         .map_err(|e| SwarmStartError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
         .build();
@@ -398,7 +412,8 @@ pub async fn spawn(
         redial,
         pending_blobs: HashMap::new(),
         banned: HashMap::new(),
-        connected_since: HashMap::new(),
+        runs: HashMap::new(),
+        closing: None,
         pending_rpcs: HashMap::new(),
         inbound: FuturesUnordered::new(),
         kad_bootstrapped: false,
@@ -416,6 +431,7 @@ pub async fn spawn(
 fn build_behaviour(
     key: &libp2p::identity::Keypair,
     config: &SwarmConfig,
+    boot: u64,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer = key.public().to_peer_id();
     let gossip_cfg = gossipsub::ConfigBuilder::default()
@@ -428,7 +444,7 @@ fn build_behaviour(
         gossip_cfg,
     )?;
     let identify = identify::Behaviour::new(
-        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+        identify::Config::new(identify_version(boot), key.public())
             .with_agent_version(config.agent_version.clone()),
     );
     let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
@@ -469,6 +485,33 @@ fn build_behaviour(
     })
 }
 
+/// Identify's protocol version: ours, with the random id of this process's run.
+fn identify_version(boot: u64) -> String {
+    format!("{IDENTIFY_PROTOCOL} boot={boot:016x}")
+}
+
+/// The run id in a peer's identify protocol version, if it sent one.
+fn boot_of(version: &str) -> Option<u64> {
+    let hex = version
+        .strip_prefix(IDENTIFY_PROTOCOL)?
+        .strip_prefix(" boot=")?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// One peer's run of connections, from its first connection until its last closes.
+///
+/// Gossipsub tells a peer our subscriptions only on the first connection of a run. A
+/// node restarted with the same identity while we still hold its old process's
+/// connection joins the old run, so it never learns them and cannot publish to us. The
+/// run therefore remembers which process its first connection reached (identify carries
+/// a random id per process); a connection from another process ends the run, and the
+/// redial starts a fresh one.
+struct Run {
+    first: ConnectionId,
+    /// The process behind `first`, once identify said.
+    boot: Option<u64>,
+}
+
 type InboundReply = (Option<InboundAnswer>, InboundChannel);
 
 enum InboundAnswer {
@@ -488,9 +531,10 @@ struct Driver {
     redial: Redial,
     pending_blobs: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, RequestError>>>,
     banned: HashMap<PeerId, Instant>,
-    /// When the current run of connections to each peer began; one entry per
-    /// connected peer, removed when the last connection closes.
-    connected_since: HashMap<PeerId, Instant>,
+    /// Each connected peer's current run of connections; removed when the last closes.
+    runs: HashMap<PeerId, Run>,
+    /// Set once the node asked to close: whom to tell, and when to stop waiting.
+    closing: Option<(oneshot::Sender<()>, Instant)>,
     pending_rpcs: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RequestError>>>,
     inbound: FuturesUnordered<BoxFuture<'static, InboundReply>>,
     kad_bootstrapped: bool,
@@ -512,6 +556,14 @@ impl Driver {
                     self.answer(answer, channel);
                 }
                 _ = tick.tick() => self.on_tick(),
+            }
+            if let Some((_, until)) = &self.closing {
+                if self.swarm.connected_peers().next().is_none() || Instant::now() >= *until {
+                    if let Some((reply, _)) = self.closing.take() {
+                        let _ = reply.send(());
+                    }
+                    break;
+                }
             }
         }
         tracing::debug!("swarm driver stopped");
@@ -540,6 +592,9 @@ impl Driver {
         for p in expired {
             tracing::info!(%p, "ban lifted");
             self.unban(p);
+        }
+        if self.closing.is_some() {
+            return;
         }
         for addr in self.redial.poll_due(now) {
             tracing::debug!(%addr, "dialing");
@@ -603,6 +658,14 @@ impl Driver {
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
                 self.pending_rpcs.insert(id, reply);
             }
+            Command::Close(reply) => {
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                for p in peers {
+                    let _ = self.swarm.disconnect_peer_id(p);
+                }
+                let until = Instant::now() + Duration::from_millis(CLOSE_WAIT_MS_MAX);
+                self.closing = Some((reply, until));
+            }
             Command::Info(reply) => {
                 let info = SwarmInfo {
                     peer_id: self.swarm.local_peer_id().to_string(),
@@ -649,6 +712,7 @@ impl Driver {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
@@ -659,21 +723,14 @@ impl Driver {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
-                // A second connection to a peer whose first is old means the peer
-                // restarted with the same identity while we still hold the dead
-                // process's connection. Gossipsub tells a peer its subscriptions only on
-                // the first connection, so the new process would never learn ours:
-                // drop them all and let the redial make a fresh first connection.
-                let first_since = self.connected_since.get(&peer_id).copied();
-                if num_established.get() > 1
-                    && first_since.is_some_and(|t| now.duration_since(t) > STALE_CONNECTION_AGE)
-                {
-                    tracing::info!(peer = %peer_id, "peer reconnected while an old connection lingered; starting over");
-                    self.connected_since.remove(&peer_id);
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                if self.closing.is_some() {
+                    self.swarm.close_connection(connection_id);
                     return;
                 }
-                self.connected_since.entry(peer_id).or_insert(now);
+                self.runs.entry(peer_id).or_insert(Run {
+                    first: connection_id,
+                    boot: None,
+                });
                 self.redial.on_connected(peer_id, &addr, now);
                 if endpoint.is_dialer() {
                     self.swarm
@@ -700,7 +757,7 @@ impl Driver {
             } => {
                 self.redial.on_disconnected(peer_id, num_established, now);
                 if num_established == 0 {
-                    self.connected_since.remove(&peer_id);
+                    self.runs.remove(&peer_id);
                     tracing::debug!(peer = %peer_id, cause = ?cause, "peer disconnected");
                     self.emit(NetEvent::PeerDisconnected { peer: peer_id });
                 }
@@ -722,7 +779,16 @@ impl Driver {
                 topic: message.topic.into_string(),
                 data: message.data,
             }),
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                connection_id,
+                info,
+            }) => {
+                if self.restarted(peer_id, connection_id, boot_of(&info.protocol_version)) {
+                    tracing::info!(peer = %peer_id, "peer restarted while its old connection lingered; connecting afresh");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 // Only routable-looking addresses are kept; a peer cannot make us dial
                 // more than DIAL_TARGETS_MAX addresses (the redial table is bounded).
                 let addrs: Vec<Multiaddr> = info
@@ -771,6 +837,20 @@ impl Driver {
             BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
             _ => {}
         }
+    }
+
+    /// Whether `connection` reached another process of `peer` than the first connection
+    /// of the run did (see [`Run`]). Without both ids there is nothing to compare; a
+    /// second connection of the same process (both sides dialing at once) is no restart.
+    fn restarted(&mut self, peer: PeerId, connection: ConnectionId, boot: Option<u64>) -> bool {
+        let Some(run) = self.runs.get_mut(&peer) else {
+            return false;
+        };
+        if run.first == connection {
+            run.boot = boot;
+            return false;
+        }
+        matches!((run.boot, boot), (Some(a), Some(b)) if a != b)
     }
 
     fn on_blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobResponse>) {
