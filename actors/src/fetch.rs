@@ -422,7 +422,13 @@ async fn run(
         let mut candidates: Vec<PeerId> = hint.to_vec();
         if now.duration_since(last_connected_at) >= HAVE_INTERVAL {
             last_connected_at = now;
+            let before = std::mem::take(&mut connected);
             connected = connected_peers(&ctx.swarm).await;
+            // A peer that went away and came back (a restart, a healed link) is asked
+            // again at once instead of after the rest its lost requests earned.
+            for peer in connected.iter().filter(|p| !before.contains(p)) {
+                schedule.on_reconnected(*peer, now);
+            }
         }
         candidates.extend(connected.iter().copied());
         let mut queried = 0;

@@ -590,6 +590,17 @@ impl Schedule {
         }
     }
 
+    /// The peer connected again. Requests lost while it was away (and the rest and the
+    /// lower rate they earned) say nothing of the new connection, so it is asked again
+    /// at once; a peer that lied stays banned.
+    pub fn on_reconnected(&mut self, peer: PeerId, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer).filter(|p| !p.banned) {
+            p.rest = REST_INITIAL;
+            p.rest_until = p.rest_until.min(now);
+            p.rate = p.rate.max(INITIAL_RATE);
+        }
+    }
+
     pub fn on_failure(&mut self, peer: PeerId, start: u64, failure: Failure, now: Instant) {
         if self.finish(peer, start).is_some() {
             self.penalize(peer, failure, now);
@@ -684,6 +695,31 @@ mod tests {
         let later = t0 + REDIRECT_VIEW;
         s.set_peer(peer(1), None, later);
         assert!(s.peers[&peer(1)].ranges.is_none());
+    }
+
+    #[test]
+    fn a_reconnected_peer_is_asked_again_at_once() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(64, |_| false, 0);
+        s.set_peer(peer(1), None, t0);
+        // Its connection is gone: every request fails, and each failure rests it longer.
+        let mut now = t0;
+        for _ in 0..5 {
+            let reqs = s.poll(now);
+            assert!(!reqs.is_empty());
+            for r in reqs {
+                s.on_failure(r.peer, r.start, Failure::Lost, now);
+            }
+            now = s.peers[&peer(1)].rest_until;
+        }
+        let back = now - Duration::from_millis(1);
+        assert!(s.poll(back).is_empty(), "still resting");
+        s.on_reconnected(peer(1), back);
+        let again = s.poll(back);
+        assert!(!again.is_empty(), "asked again as soon as it is back");
+        assert!(again.iter().all(|r| r.peer == peer(1)));
+        assert_eq!(s.peers[&peer(1)].rest, REST_INITIAL);
+        assert!(s.peers[&peer(1)].rate >= INITIAL_RATE);
     }
 
     #[test]
