@@ -252,7 +252,7 @@ impl SwarmHandle {
     /// Closes every connection and stops the driver, waiting at most
     /// [`CLOSE_WAIT_MS_MAX`]. A peer that hears the close drops the connection at once;
     /// one that does not keeps it until its idle timeout, and a restarted node with the
-    /// same identity would then be a second connection (see [`Run`]).
+    /// same identity would then be a second connection (see `Run`).
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Close(tx)).await.is_ok() {
