@@ -264,7 +264,44 @@ pub struct FetchReport {
     pub elapsed: Duration,
     /// Peers that delivered groups, most first.
     pub contributors: Vec<(PeerId, u64)>,
+    pub exchanges: Exchanges,
+}
+
+/// How many exchanges a download made with its peers, by kind and outcome: what an
+/// operator (or the propagation benchmark) reads to see where a slow download's time
+/// and its peers' CPU went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exchanges {
+    /// Requests for groups.
     pub requests: u64,
+    /// Questions of what a peer holds.
+    pub have_queries: u64,
+    /// Requests answered with data.
+    pub served: u64,
+    /// Requests answered "busy".
+    pub busy: u64,
+    /// Requests sent elsewhere (the server sent those groups to another peer).
+    pub redirected: u64,
+    /// Requests the peer could not serve (it does not hold the groups).
+    pub unavailable: u64,
+    /// Requests lost in transport or timed out.
+    pub lost: u64,
+}
+
+impl std::fmt::Display for Exchanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "requests={} have_queries={} served={} busy={} redirected={} unavailable={} lost={}",
+            self.requests,
+            self.have_queries,
+            self.served,
+            self.busy,
+            self.redirected,
+            self.unavailable,
+            self.lost
+        )
+    }
 }
 
 enum Outcome {
@@ -295,7 +332,7 @@ pub async fn download(
             bytes: 0,
             elapsed: Duration::ZERO,
             contributors: Vec::new(),
-            requests: 0,
+            exchanges: Exchanges::default(),
         });
     }
     let started = Instant::now();
@@ -406,6 +443,7 @@ async fn run(
     let mut announced_have = u64::MAX;
     let mut connected: Vec<PeerId> = Vec::new();
     let mut last_connected_at = Instant::now() - HAVE_INTERVAL;
+    let mut counts = Exchanges::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -416,7 +454,7 @@ async fn run(
         for (peer, ranges) in ctx.transfers.providers(&id) {
             if !schedule.is_banned(&peer) {
                 let complete = ranges == [(0, groups)];
-                schedule.set_peer(peer, if complete { None } else { Some(ranges) }, now);
+                schedule.add_peer_ranges(peer, if complete { None } else { Some(ranges) }, now);
             }
         }
         let mut candidates: Vec<PeerId> = hint.to_vec();
@@ -445,6 +483,7 @@ async fn run(
             }
             asked_have.insert(peer, now);
             queried += 1;
+            counts.have_queries += 1;
             let swarm = ctx.swarm.clone();
             pending.push(Box::pin(async move {
                 let result = swarm
@@ -456,6 +495,7 @@ async fn run(
         }
 
         for req in schedule.poll(now) {
+            tracing::trace!(peer = %short_peer(&req.peer), start = req.start, end = req.end, "request");
             if let Some(limit) = &ctx.download_limit {
                 let bytes = (req.end - req.start) * GROUP_BYTES;
                 let wait = limit
@@ -490,7 +530,7 @@ async fn run(
 
         tokio::select! {
             Some(outcome) = pending.next(), if !pending.is_empty() => {
-                handle(ctx, id, groups, partial, &mut schedule, outcome).await?;
+                handle(ctx, id, groups, partial, &mut schedule, &mut counts, outcome).await?;
             }
             _ = tick.tick() => {}
         }
@@ -569,7 +609,10 @@ async fn run(
         bytes: size,
         elapsed: started.elapsed(),
         contributors: schedule.contributors(),
-        requests: schedule.requests_sent(),
+        exchanges: Exchanges {
+            requests: schedule.requests_sent(),
+            ..counts
+        },
     })
 }
 
@@ -604,12 +647,14 @@ async fn handle(
     groups: u64,
     partial: &Arc<Mutex<PartialBlob>>,
     schedule: &mut Schedule,
+    counts: &mut Exchanges,
     outcome: Outcome,
 ) -> Result<(), FetchError> {
     let now = Instant::now();
     match outcome {
         Outcome::Have { peer, result } => {
             if let Ok(BlobResponse::Have { ranges, .. }) = result {
+                tracing::trace!(peer = %short_peer(&peer), runs = ranges.len(), "peer holds");
                 let complete = ranges == [(0, groups)];
                 schedule.set_peer(peer, if complete { None } else { Some(ranges) }, now);
             }
@@ -621,6 +666,7 @@ async fn handle(
             result,
         } => match result {
             Ok(BlobResponse::Encoded(bytes)) => {
+                counts.served += 1;
                 let p = partial.clone();
                 let received =
                     tokio::task::spawn_blocking(move || lock(&p).receive(start, end, &bytes)).await;
@@ -629,6 +675,7 @@ async fn handle(
                     return Ok(());
                 };
                 let fresh = received.groups.len() as u64 * GROUP_BYTES;
+                tracing::trace!(peer = %short_peer(&peer), start, end, fresh = received.groups.len(), "groups received");
                 if let Some(a) = ctx.transfers.lock().active.get_mut(&id) {
                     a.received += fresh;
                 }
@@ -657,16 +704,27 @@ async fn handle(
                         .await;
                 }
             }
-            Ok(BlobResponse::Busy) => schedule.on_failure(peer, start, Failure::Busy, now),
-            Ok(BlobResponse::Elsewhere { fresh }) => schedule.on_redirect(peer, start, fresh, now),
+            Ok(BlobResponse::Busy) => {
+                tracing::trace!(peer = %short_peer(&peer), start, end, "busy");
+                counts.busy += 1;
+                schedule.on_failure(peer, start, Failure::Busy, now)
+            }
+            Ok(BlobResponse::Elsewhere { fresh }) => {
+                tracing::trace!(peer = %short_peer(&peer), start, end, runs = fresh.len(), "redirected");
+                counts.redirected += 1;
+                schedule.on_redirect(peer, start, fresh, now)
+            }
             Ok(BlobResponse::NotFound) | Ok(BlobResponse::Have { .. }) => {
+                counts.unavailable += 1;
                 schedule.on_failure(peer, start, Failure::Unavailable, now)
             }
             Ok(BlobResponse::Invalid(why)) => {
+                counts.unavailable += 1;
                 tracing::debug!(peer = %short_peer(&peer), "peer refused a request: {why}");
                 schedule.on_failure(peer, start, Failure::Unavailable, now)
             }
             Err(e) => {
+                counts.lost += 1;
                 tracing::debug!(peer = %short_peer(&peer), "blob request failed: {e}");
                 schedule.on_failure(peer, start, Failure::Lost, now)
             }

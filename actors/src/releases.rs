@@ -442,7 +442,7 @@ impl ReleaseState {
                             .iter()
                             .map(|(p, n)| format!("{}:{n}", short_peer(p)))
                             .collect();
-                        tracing::info!(release = %m.name, version = m.version, bytes = report.bytes, ms = report.elapsed.as_millis() as u64, from = %from.join(","), "download complete");
+                        tracing::info!(release = %m.name, version = m.version, bytes = report.bytes, ms = report.elapsed.as_millis() as u64, from = %from.join(","), exchanges = %report.exchanges, "download complete");
                         report.contributors.first().map(|(p, _)| *p)
                     })
                     .map_err(|e| e.to_string());

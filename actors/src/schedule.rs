@@ -222,6 +222,25 @@ impl Schedule {
         self.replace_ranges(peer, ranges, now);
     }
 
+    /// Adds to what a peer is known to hold: runs it announced over gossip, which may be
+    /// older than what it told this download directly. A peer's holdings only grow
+    /// while it fetches, so the runs are merged in, never put in place of fresher ones.
+    pub fn add_peer_ranges(&mut self, peer: PeerId, ranges: Option<Vec<(u64, u64)>>, now: Instant) {
+        let merged = match (self.peers.get(&peer), ranges) {
+            (Some(p), _) if p.redirected_until > now => return,
+            (Some(p), Some(new)) => match &p.ranges {
+                None => return,
+                Some(old) => {
+                    let mut all = old.clone();
+                    all.extend(new);
+                    Some(all)
+                }
+            },
+            (_, r) => r,
+        };
+        self.replace_ranges(peer, merged, now);
+    }
+
     /// Sets what a peer offers (merged runs, or `None` for everything) and keeps the
     /// availability counts in step.
     fn replace_ranges(&mut self, peer: PeerId, ranges: Option<Vec<(u64, u64)>>, now: Instant) {
@@ -720,6 +739,35 @@ mod tests {
         assert!(again.iter().all(|r| r.peer == peer(1)));
         assert_eq!(s.peers[&peer(1)].rest, REST_INITIAL);
         assert!(s.peers[&peer(1)].rate >= INITIAL_RATE);
+    }
+
+    #[test]
+    fn an_older_announcement_adds_to_what_a_peer_said_and_hides_nothing() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(64, |_| false, 0);
+        // The peer's gossiped announcement is older than its direct answer; the download
+        // reads announcements on every turn of its loop.
+        s.set_peer(peer(1), Some(vec![(0, 4)]), t0);
+        s.set_peer(peer(1), Some(vec![(0, 32)]), t0);
+        s.add_peer_ranges(peer(1), Some(vec![(0, 4), (40, 48)]), t0);
+        let offered: Vec<u64> = (0..64).filter(|g| s.peers[&peer(1)].holds(*g)).collect();
+        let expected: Vec<u64> = (0..32).chain(40..48).collect();
+        assert_eq!(offered, expected);
+        assert_eq!(s.avail[20], 1);
+        assert_eq!(s.avail[40], 1);
+        assert_eq!(s.avail[35], 0);
+        let asked: u64 = s.poll(t0).iter().map(|r| r.end - r.start).sum();
+        assert!(
+            asked > 4,
+            "the peer is asked for more than its old announcement"
+        );
+        // An announcement of the whole blob is taken as it is.
+        s.add_peer_ranges(peer(2), None, t0);
+        s.add_peer_ranges(peer(1), None, t0);
+        assert!(s.holds_all(&peer(1)) && s.holds_all(&peer(2)));
+        // And nothing narrows a peer known to hold all of it.
+        s.add_peer_ranges(peer(1), Some(vec![(0, 1)]), t0);
+        assert!(s.holds_all(&peer(1)));
     }
 
     #[test]
