@@ -392,8 +392,7 @@ impl Server<'_> {
         start: u64,
         end: u64,
     ) -> Decision {
-        let groups = crate::verified::groups_of(size);
-        if start >= end || end > groups || end - start > crate::verified::GROUPS_PER_REQUEST_MAX {
+        if !crate::verified::is_valid_range(size, start, end) {
             // Not a valid request: the encoder refuses it, and it must not count as sent
             // (a peer could otherwise hold back every group from the others).
             return Decision::Serve;
@@ -404,7 +403,15 @@ impl Server<'_> {
         self.seeding
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .decide(id, groups, holds, tag, start, end, self.now)
+            .decide(
+                id,
+                crate::verified::groups_of(size),
+                holds,
+                tag,
+                start,
+                end,
+                self.now,
+            )
     }
 }
 
@@ -450,8 +457,7 @@ pub fn serve(
                     let p = p.lock().unwrap_or_else(|e| e.into_inner());
                     // Groups it does not hold yet (or a range too long to be a valid
                     // request) are answered below, and must not count as sent.
-                    let held = end.saturating_sub(*start)
-                        <= crate::verified::GROUPS_PER_REQUEST_MAX
+                    let held = crate::verified::is_valid_range(p.size(), *start, *end)
                         && (*start..*end).all(|g| p.has_group(g));
                     if held {
                         let holds = |g| p.has_group(g);

@@ -132,6 +132,12 @@ fn encode<O: bao_tree::io::sync::Outboard>(
     Ok(out)
 }
 
+/// Whether `start..end` is a range of groups a request may ask for: inside the blob,
+/// not empty, and no longer than [`GROUPS_PER_REQUEST_MAX`].
+pub fn is_valid_range(size: u64, start: u64, end: u64) -> bool {
+    check_range(size, start, end).is_ok()
+}
+
 fn check_range(size: u64, start: u64, end: u64) -> Result<(), VerifiedError> {
     let groups = groups_of(size);
     if start >= end || end > groups || end - start > GROUPS_PER_REQUEST_MAX {
