@@ -123,6 +123,8 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     pub listen: Option<Vec<String>>,
     pub admin: Option<SocketAddr>,
+    /// UDP port of the blob data endpoint, on the first listen address's host.
+    pub blob_port: Option<u16>,
     pub bootstrap: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub release_keys: Vec<PublicKey>,
@@ -172,6 +174,8 @@ pub struct NodeConfig {
     pub key_path: PathBuf,
     pub listen: Vec<Multiaddr>,
     pub admin: SocketAddr,
+    /// UDP port of the blob data endpoint; 0 picks a free one (peers learn it).
+    pub blob_port: u16,
     pub bootstrap: Vec<Multiaddr>,
     pub labels: BTreeMap<String, String>,
     pub policy: TrustPolicy,
@@ -196,6 +200,7 @@ pub struct AgentFlags {
     pub key: Option<PathBuf>,
     pub listen: Vec<String>,
     pub admin: Option<SocketAddr>,
+    pub blob_port: Option<u16>,
     pub bootstrap: Vec<String>,
     pub labels: Vec<String>,
     pub release_keys: Vec<PublicKey>,
@@ -320,6 +325,7 @@ impl NodeConfig {
                 .admin
                 .or(file.admin)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))),
+            blob_port: flags.blob_port.or(file.blob_port).unwrap_or(0),
             bootstrap,
             labels,
             policy,

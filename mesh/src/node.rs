@@ -208,6 +208,7 @@ pub async fn run(
     let swarm_config = SwarmConfig {
         listen: config.listen.clone(),
         bootstrap: config.bootstrap.clone(),
+        blob_port: config.blob_port,
         topics: vec![
             RELEASES_TOPIC.to_string(),
             REPORTS_TOPIC.to_string(),

@@ -631,7 +631,7 @@ async fn admit(
     })
 }
 
-fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+pub(crate) fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
     connection
         .handshake_data()?
         .downcast::<quinn::crypto::rustls::HandshakeData>()
@@ -640,7 +640,7 @@ fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
 }
 
 /// The ed25519 key in the certificate the peer presented during the handshake.
-fn peer_key(connection: &quinn::Connection) -> Option<PublicKey> {
+pub(crate) fn peer_key(connection: &quinn::Connection) -> Option<PublicKey> {
     let chain = connection
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
@@ -649,14 +649,14 @@ fn peer_key(connection: &quinn::Connection) -> Option<PublicKey> {
 }
 
 /// A key and its self-signed certificate, in the forms rustls takes.
-struct Identity {
+pub(crate) struct Identity {
     public: PublicKey,
     cert: CertificateDer<'static>,
     key: PrivatePkcs8KeyDer<'static>,
 }
 
 impl Identity {
-    fn new(secret: &SecretKey) -> Result<Identity, AdminTlsError> {
+    pub(crate) fn new(secret: &SecretKey) -> Result<Identity, AdminTlsError> {
         let key = PrivatePkcs8KeyDer::from(secret.to_pkcs8_der());
         let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key, &rcgen::PKCS_ED25519)?;
         // rcgen's default validity is 1975 to 4096; nobody checks it anyway.
@@ -705,25 +705,37 @@ fn server_config(
     node_key: &SecretKey,
     operators: Arc<HashSet<PublicKey>>,
 ) -> Result<quinn::ServerConfig, AdminTlsError> {
+    let tls = server_tls(node_key, Some(operators), ADMIN_ALPN)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    config.transport_config(Arc::new(transport(true)));
+    Ok(config)
+}
+
+/// TLS for a node's side of a QUIC endpoint: its ed25519 certificate, and client
+/// certificates checked against `allowed` (any ed25519 key when None, for peers that
+/// authenticate but need no allowlist).
+pub(crate) fn server_tls(
+    node_key: &SecretKey,
+    allowed: Option<Arc<HashSet<PublicKey>>>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, AdminTlsError> {
     let identity = Identity::new(node_key)?;
     let provider = provider();
-    let verifier = Arc::new(OperatorVerifier {
-        operators,
+    let verifier = Arc::new(ClientKeyVerifier {
+        allowed,
         algorithms: provider.signature_verification_algorithms,
     });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![identity.cert.clone()], identity.key_der())?;
-    tls.alpn_protocols = vec![ADMIN_ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     // No session tickets: every connection runs the full handshake, so every connection
-    // has its operator certificate checked against the allowlist.
+    // has its client certificate checked.
     tls.send_tls13_tickets = 0;
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.max_early_data_size = 0;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    config.transport_config(Arc::new(transport(true)));
-    Ok(config)
+    Ok(tls)
 }
 
 fn client_config(
@@ -732,6 +744,20 @@ fn client_config(
     presented: Arc<Mutex<Option<PublicKey>>>,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, AdminTlsError> {
+    let tls = client_tls(identity, expected_node, presented, alpn)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    config.transport_config(Arc::new(transport(false)));
+    Ok(config)
+}
+
+/// TLS for the connecting side: `identity`'s certificate, and the server's checked to be
+/// `expected_node` when given. The key the server presented is recorded in `presented`.
+pub(crate) fn client_tls(
+    identity: &Identity,
+    expected_node: Option<PublicKey>,
+    presented: Arc<Mutex<Option<PublicKey>>>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, AdminTlsError> {
     let provider = provider();
     let verifier = Arc::new(NodeVerifier {
         expected: expected_node,
@@ -745,9 +771,7 @@ fn client_config(
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key_der())?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.resumption = rustls::client::Resumption::disabled();
-    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    config.transport_config(Arc::new(transport(false)));
-    Ok(config)
+    Ok(tls)
 }
 
 /// Why a peer's certificate was refused. Debug prints the same text as Display because
@@ -820,15 +844,16 @@ fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
     ))
 }
 
-/// The node's check of an operator certificate: an ed25519 key on the allowlist. Dates,
-/// names and issuers are not checked on purpose; the key is the identity.
+/// The node's check of a client certificate: an ed25519 key, on the allowlist when there
+/// is one (operators on the admin endpoint). Dates, names and issuers are not checked on
+/// purpose; the key is the identity.
 #[derive(Debug)]
-struct OperatorVerifier {
-    operators: Arc<HashSet<PublicKey>>,
+struct ClientKeyVerifier {
+    allowed: Option<Arc<HashSet<PublicKey>>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ClientCertVerifier for OperatorVerifier {
+impl ClientCertVerifier for ClientKeyVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
@@ -853,8 +878,10 @@ impl ClientCertVerifier for OperatorVerifier {
             ));
         }
         let key = ed25519_key_of(end_entity)?;
-        if !self.operators.contains(&key) {
-            return Err(refuse(PeerCertError::NotAnOperator(key)));
+        if let Some(allowed) = &self.allowed {
+            if !allowed.contains(&key) {
+                return Err(refuse(PeerCertError::NotAnOperator(key)));
+            }
         }
         Ok(ClientCertVerified::assertion())
     }

@@ -8,6 +8,7 @@
 //! inbound request is answered `Busy` at once rather than queued without bound.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -20,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::blobnet::BlobNet;
 use crate::redial::{Redial, RedialPolicy};
 use crate::{wire, ContentId, SecretKey};
 
@@ -72,6 +74,9 @@ pub struct SwarmConfig {
     pub request_timeout: Duration,
     pub topics: Vec<String>,
     pub redial: RedialPolicy,
+    /// The UDP port of the blob data endpoint (see [`crate::blobnet`]), on the address
+    /// of the first listen address; 0 picks a free one. Peers learn it through identify.
+    pub blob_port: u16,
 }
 
 impl Default for SwarmConfig {
@@ -88,6 +93,7 @@ impl Default for SwarmConfig {
             request_timeout: Duration::from_secs(20),
             topics: Vec::new(),
             redial: RedialPolicy::default(),
+            blob_port: 0,
         }
     }
 }
@@ -167,7 +173,7 @@ pub enum NetEvent {
 /// The way to answer one inbound request. Dropping it unanswered answers `Busy` (for
 /// ranges) or an empty response (for rpc), so a peer never waits for a timeout.
 #[derive(Debug)]
-pub struct Responder<T>(oneshot::Sender<T>);
+pub struct Responder<T>(pub(crate) oneshot::Sender<T>);
 
 impl<T> Responder<T> {
     pub fn send(self, value: T) {
@@ -189,6 +195,8 @@ pub enum SwarmStartError {
     Build(String),
     #[error("listening on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
+    #[error("starting the swarm: {0}")]
+    Blobs(#[from] crate::blobnet::BlobNetBindError),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -238,6 +246,7 @@ enum Command {
 pub struct SwarmHandle {
     commands: mpsc::Sender<Command>,
     local_peer: PeerId,
+    blobs: BlobNet,
 }
 
 impl SwarmHandle {
@@ -254,6 +263,7 @@ impl SwarmHandle {
     /// one that does not keeps it until its idle timeout, and a restarted node with the
     /// same identity would then be a second connection (see `Run`).
     pub async fn close(&self) {
+        self.blobs.close();
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Close(tx)).await.is_ok() {
             let wait = Duration::from_millis(CLOSE_WAIT_MS_MAX + 250);
@@ -278,17 +288,23 @@ impl SwarmHandle {
     /// Disconnects a peer that misbehaved (sent data that failed verification) and
     /// refuses it for `ban`; gossipsub stops relaying its messages too.
     pub async fn penalize(&self, peer: PeerId, ban: Duration, reason: String) {
+        self.blobs.ban(peer, Instant::now() + ban);
         let _ = self
             .commands
             .send(Command::Penalize { peer, ban, reason })
             .await;
     }
 
+    /// Asks `peer` about a blob: over its data endpoint when one is known and
+    /// reachable, else through the swarm's blob protocol.
     pub async fn request_blob(
         &self,
         peer: PeerId,
         request: BlobRequest,
     ) -> Result<BlobResponse, RequestError> {
+        if let Some(result) = self.blobs.request(peer, &request).await {
+            return result;
+        }
         let (tx, rx) = oneshot::channel();
         let cmd = Command::Blob {
             peer,
@@ -343,6 +359,15 @@ pub async fn spawn(
     let idle_ms = u32::try_from(config.idle_timeout.as_millis()).unwrap_or(u32::MAX);
     let cfg = config.clone();
     let boot: u64 = rand::random();
+    let (ev_tx, ev_rx) = mpsc::channel(EVENTS_QUEUE_MAX);
+    let blobs = BlobNet::bind(
+        blob_bind_addr(&config.listen, config.blob_port),
+        key,
+        config.idle_timeout,
+        config.request_timeout,
+        ev_tx.clone(),
+    )?;
+    let blob_port = blobs.local_addr().map_or(0, |a| a.port());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic_config(move |mut q| {
@@ -350,7 +375,7 @@ pub async fn spawn(
             q.keep_alive_interval = Duration::from_millis(u64::from(idle_ms / 3).max(100));
             q
         })
-        .with_behaviour(|key| build_behaviour(key, &cfg, boot))
+        .with_behaviour(|key| build_behaviour(key, &cfg, boot, blob_port))
         .map_err(|e| SwarmStartError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
         .build();
@@ -396,7 +421,6 @@ pub async fn spawn(
     }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUE_MAX);
-    let (ev_tx, ev_rx) = mpsc::channel(EVENTS_QUEUE_MAX);
     for addr in listening {
         let _ = ev_tx.try_send(NetEvent::Listening { addr });
     }
@@ -417,12 +441,14 @@ pub async fn spawn(
         pending_rpcs: HashMap::new(),
         inbound: FuturesUnordered::new(),
         kad_bootstrapped: false,
+        blobs: blobs.clone(),
     };
     tokio::spawn(driver.run());
     Ok((
         SwarmHandle {
             commands: cmd_tx,
             local_peer,
+            blobs,
         },
         ev_rx,
     ))
@@ -432,6 +458,7 @@ fn build_behaviour(
     key: &libp2p::identity::Keypair,
     config: &SwarmConfig,
     boot: u64,
+    blob_port: u16,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer = key.public().to_peer_id();
     let gossip_cfg = gossipsub::ConfigBuilder::default()
@@ -444,7 +471,7 @@ fn build_behaviour(
         gossip_cfg,
     )?;
     let identify = identify::Behaviour::new(
-        identify::Config::new(identify_version(boot), key.public())
+        identify::Config::new(identify_version(boot, blob_port), key.public())
             .with_agent_version(config.agent_version.clone()),
     );
     let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
@@ -485,17 +512,50 @@ fn build_behaviour(
     })
 }
 
-/// Identify's protocol version: ours, with the random id of this process's run.
-fn identify_version(boot: u64) -> String {
-    format!("{IDENTIFY_PROTOCOL} boot={boot:016x}")
+/// Identify's protocol version: ours, with the random id of this process's run and the
+/// port of its blob data endpoint.
+fn identify_version(boot: u64, blob_port: u16) -> String {
+    format!("{IDENTIFY_PROTOCOL} boot={boot:016x} blob={blob_port}")
+}
+
+/// The value of `key` in a peer's identify protocol version, if it is ours and has one.
+fn version_field<'a>(version: &'a str, key: &str) -> Option<&'a str> {
+    version
+        .strip_prefix(IDENTIFY_PROTOCOL)?
+        .split(' ')
+        .find_map(|field| field.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// The run id in a peer's identify protocol version, if it sent one.
 fn boot_of(version: &str) -> Option<u64> {
-    let hex = version
-        .strip_prefix(IDENTIFY_PROTOCOL)?
-        .strip_prefix(" boot=")?;
-    u64::from_str_radix(hex, 16).ok()
+    u64::from_str_radix(version_field(version, "boot")?, 16).ok()
+}
+
+/// The port of a peer's blob data endpoint, if it sent one (0 means none).
+fn blob_port_of(version: &str) -> Option<u16> {
+    version_field(version, "blob")?
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+}
+
+/// Where the blob data endpoint binds: the host of the first IP listen address (any
+/// address when there is none), at `port`.
+fn blob_bind_addr(listen: &[Multiaddr], port: u16) -> SocketAddr {
+    let ip = listen
+        .iter()
+        .find_map(ip_of)
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    SocketAddr::new(ip, port)
+}
+
+/// The IP address in a multiaddr, if it has one.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 /// One peer's run of connections, from its first connection until its last closes.
@@ -510,6 +570,8 @@ struct Run {
     first: ConnectionId,
     /// The process behind `first`, once identify said.
     boot: Option<u64>,
+    /// The peer's address as `first` reached it: where its blob data endpoint is too.
+    ip: Option<IpAddr>,
 }
 
 type InboundReply = (Option<InboundAnswer>, InboundChannel);
@@ -538,6 +600,7 @@ struct Driver {
     pending_rpcs: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RequestError>>>,
     inbound: FuturesUnordered<BoxFuture<'static, InboundReply>>,
     kad_bootstrapped: bool,
+    blobs: BlobNet,
 }
 
 impl Driver {
@@ -730,6 +793,7 @@ impl Driver {
                 self.runs.entry(peer_id).or_insert(Run {
                     first: connection_id,
                     boot: None,
+                    ip: ip_of(&addr),
                 });
                 self.redial.on_connected(peer_id, &addr, now);
                 if endpoint.is_dialer() {
@@ -758,6 +822,7 @@ impl Driver {
                 self.redial.on_disconnected(peer_id, num_established, now);
                 if num_established == 0 {
                     self.runs.remove(&peer_id);
+                    self.blobs.forget(&peer_id);
                     tracing::debug!(peer = %peer_id, cause = ?cause, "peer disconnected");
                     self.emit(NetEvent::PeerDisconnected { peer: peer_id });
                 }
@@ -788,6 +853,10 @@ impl Driver {
                     tracing::info!(peer = %peer_id, "peer restarted while its old connection lingered; connecting afresh");
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
+                }
+                let ip = self.runs.get(&peer_id).and_then(|r| r.ip);
+                if let (Some(ip), Some(port)) = (ip, blob_port_of(&info.protocol_version)) {
+                    self.blobs.learn(peer_id, SocketAddr::new(ip, port));
                 }
                 // Only routable-looking addresses are kept; a peer cannot make us dial
                 // more than DIAL_TARGETS_MAX addresses (the redial table is bounded).
@@ -1153,9 +1222,61 @@ mod tests {
             _ => unreachable!(),
         }
 
-        // A blob request answered by the node layer.
+        // A blob request answered by the node layer: first over a's data endpoint,
+        // which b learns through identify, then over the swarm's blob protocol.
         let peer_a = ha.local_peer();
         let id = ContentId::of(b"blob");
+        let endpoint_a = ha.blobs.local_addr();
+        for _ in 0..100 {
+            if hb.blobs.endpoint_of(&peer_a).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(hb.blobs.endpoint_of(&peer_a), endpoint_a);
+        for path in ["data endpoint", "swarm"] {
+            if path == "swarm" {
+                hb.blobs.forget(&peer_a);
+            }
+            blob_round_trip(&hb, &mut ea, peer_a, id).await;
+        }
+
+        // Rpc round trip.
+        let rpc = tokio::spawn({
+            let hb = hb.clone();
+            async move { hb.rpc(peer_a, b"ping".to_vec()).await }
+        });
+        loop {
+            match ea.recv().await.unwrap() {
+                NetEvent::RpcRequested { request, reply, .. } => {
+                    assert_eq!(request, b"ping");
+                    reply.send(b"pong".to_vec());
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        assert_eq!(rpc.await.unwrap().unwrap(), b"pong");
+        let info = hb.info().await.unwrap();
+        assert_eq!(info.connected, vec![peer_a.to_string()]);
+
+        // A penalized peer is disconnected, and its redials are refused while banned.
+        hb.penalize(peer_a, Duration::from_secs(60), "test".into())
+            .await;
+        wait_for(&mut eb, |e| matches!(e, NetEvent::PeerDisconnected { .. })).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            hb.info().await.unwrap().connected.is_empty(),
+            "banned peer reconnected"
+        );
+    }
+
+    async fn blob_round_trip(
+        hb: &SwarmHandle,
+        ea: &mut mpsc::Receiver<NetEvent>,
+        peer_a: PeerId,
+        id: ContentId,
+    ) {
         let req = tokio::spawn({
             let hb = hb.clone();
             async move {
@@ -1189,34 +1310,25 @@ mod tests {
         }
         let resp = req.await.unwrap().unwrap();
         assert_eq!(resp, BlobResponse::Encoded(b"lo".to_vec()));
+    }
 
-        // Rpc round trip.
-        let rpc = tokio::spawn({
-            let hb = hb.clone();
-            async move { hb.rpc(peer_a, b"ping".to_vec()).await }
-        });
-        loop {
-            match ea.recv().await.unwrap() {
-                NetEvent::RpcRequested { request, reply, .. } => {
-                    assert_eq!(request, b"ping");
-                    reply.send(b"pong".to_vec());
-                    break;
-                }
-                _ => continue,
-            }
-        }
-        assert_eq!(rpc.await.unwrap().unwrap(), b"pong");
-        let info = hb.info().await.unwrap();
-        assert_eq!(info.connected, vec![peer_a.to_string()]);
-
-        // A penalized peer is disconnected, and its redials are refused while banned.
-        hb.penalize(peer_a, Duration::from_secs(60), "test".into())
-            .await;
-        wait_for(&mut eb, |e| matches!(e, NetEvent::PeerDisconnected { .. })).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(
-            hb.info().await.unwrap().connected.is_empty(),
-            "banned peer reconnected"
+    #[test]
+    fn identify_carries_the_run_and_the_data_port() {
+        let v = identify_version(0xabc, 7401);
+        assert_eq!(boot_of(&v), Some(0xabc));
+        assert_eq!(blob_port_of(&v), Some(7401));
+        // A peer without a data endpoint, or another protocol's version, gives none.
+        assert_eq!(blob_port_of(&identify_version(1, 0)), None);
+        assert_eq!(blob_port_of("/other/1 blob=7401"), None);
+        assert_eq!(blob_port_of(&format!("{IDENTIFY_PROTOCOL} boot=1")), None);
+        assert_eq!(
+            blob_port_of(&format!("{IDENTIFY_PROTOCOL} blob=99999")),
+            None
         );
+        assert_eq!(
+            blob_bind_addr(&["/ip4/10.0.0.2/udp/7400/quic-v1".parse().unwrap()], 0),
+            "10.0.0.2:0".parse().unwrap()
+        );
+        assert_eq!(blob_bind_addr(&[], 9), "0.0.0.0:9".parse().unwrap());
     }
 }

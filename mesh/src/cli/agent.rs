@@ -26,6 +26,10 @@ pub struct AgentArgs {
     /// Admin endpoint address for the operator's CLI. Default 0.0.0.0:7401.
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// UDP port of the blob data endpoint (chunk transfers between nodes), on the host of
+    /// the first listen address. Default: any free port; peers learn it when they connect.
+    #[arg(long)]
+    blob_port: Option<u16>,
     /// A peer to join through, HOST:PORT or a multiaddr; repeatable.
     #[arg(long)]
     bootstrap: Vec<String>,
@@ -60,6 +64,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         key: args.key.clone(),
         listen: args.listen.clone(),
         admin: args.admin,
+        blob_port: args.blob_port,
         bootstrap: args.bootstrap.clone(),
         labels: args.label.clone(),
         release_keys: args.release_key.clone(),

@@ -1,0 +1,703 @@
+//! The blob data plane: a quinn endpoint beside the libp2p swarm that carries blob
+//! requests and their responses on QUIC streams of its own.
+//!
+//! Through libp2p, every blob request negotiates a new stream, passes through the swarm's
+//! one driver task at both ends, and every arriving packet wakes the connection's task,
+//! which polls the handlers of every protocol on it; libp2p-tls also puts
+//! ChaCha20-Poly1305 first where the hardware has AES. Here one request is one
+//! bidirectional quinn stream: the request and a finish, then the response and a finish.
+//! Both ends authenticate with the node's ed25519 identity key (the certificates of the
+//! admin endpoint), so the peer id of a data connection is the peer id on the swarm.
+//!
+//! The swarm learns where a peer's data endpoint is: identify carries its port, and the
+//! peer's swarm connection gives its address. A peer whose data endpoint cannot be
+//! reached (a firewall that passes only the swarm's port, say) is asked over the swarm's
+//! blob protocol instead for [`DATA_UNREACHABLE_MS`]. Inbound requests reach the node as
+//! the same [`NetEvent::BlobRequested`] the swarm emits, so serving has one path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::VarInt;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, warn};
+
+use crate::admin::{self, AdminTlsError, Identity};
+use crate::swarm::{
+    BlobRequest, BlobResponse, NetEvent, RequestError, Responder, BLOB_RESPONSE_BYTES_MAX,
+    INBOUND_PENDING_MAX, RESPONDER_MS_MAX,
+};
+use crate::{wire, PublicKey, SecretKey};
+
+/// The ALPN protocol id of the data plane, checked on both sides.
+pub const BLOB_ALPN: &[u8] = b"mesh-blob/1";
+/// Peers served at once, one connection each; more are refused until one closes.
+pub const DATA_CONNECTIONS_MAX: usize = 256;
+/// Requests open at once on one connection: a download keeps at most a few in flight per
+/// peer, plus its have-queries.
+pub const DATA_STREAMS_MAX: u32 = 16;
+/// A request names a blob and a range of groups: a few dozen bytes.
+pub const DATA_REQUEST_BYTES_MAX: usize = 1024;
+/// Peers whose data endpoint is remembered; the swarm forgets a peer when its last
+/// connection closes, so this is reached only by a fleet larger than the limit.
+pub const DATA_PEERS_MAX: usize = 4096;
+/// How long a connection handshake may take before the peer counts as unreachable.
+pub const DATA_CONNECT_MS_MAX: u64 = 5_000;
+/// After a failed connection the swarm's path is used to that peer for this long.
+pub const DATA_UNREACHABLE_MS: u64 = 30_000;
+/// How long a served peer may take to send its request once it opened the stream.
+pub const DATA_REQUEST_READ_MS_MAX: u64 = 5_000;
+/// A stream's receive window holds one whole response, so a server never stops
+/// mid-response to wait for a window update.
+const STREAM_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+/// A connection's receive window holds the responses of a full pipeline of requests
+/// with room to spare, as the stream windows above do one each.
+const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
+const CLOSE_REFUSED: VarInt = VarInt::from_u32(1);
+const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(2);
+const CLOSE_GONE: VarInt = VarInt::from_u32(3);
+/// The name both sides put in and expect from the handshake; keys are what is checked.
+const SERVER_NAME: &str = "mesh";
+
+/// Errors from [`BlobNet::bind`].
+#[derive(Debug, thiserror::Error)]
+pub enum BlobNetBindError {
+    #[error("binding the blob endpoint at {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: AdminTlsError,
+    },
+    #[error("binding the blob endpoint at {addr}: {source}")]
+    Socket {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Why a connection to a peer's data endpoint could not be made.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("building the tls configuration: {0}")]
+    Tls(#[from] AdminTlsError),
+    #[error("the peer id {0} embeds no ed25519 key")]
+    NotEd25519(PeerId),
+    #[error("{0}")]
+    Endpoint(#[from] quinn::ConnectError),
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("no handshake within {DATA_CONNECT_MS_MAX} ms")]
+    Timeout,
+    #[error("the peer did not agree on the blob protocol")]
+    Protocol,
+}
+
+/// A cheap, cloneable handle to the node's data endpoint.
+#[derive(Clone)]
+pub struct BlobNet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    identity: Identity,
+    transport: Arc<quinn::TransportConfig>,
+    request_timeout: Duration,
+    peers: Mutex<HashMap<PeerId, Peer>>,
+    banned: Mutex<HashMap<PeerId, Instant>>,
+    events: mpsc::Sender<NetEvent>,
+    /// Inbound requests waiting for the node's answer, over all peers.
+    inbound: Semaphore,
+}
+
+/// What is known of one peer's data endpoint.
+struct Peer {
+    addr: SocketAddr,
+    /// Set after a failed connection: until then the swarm's path is used.
+    unreachable_until: Option<Instant>,
+    /// The connection, made by the first request that needs it; the lock makes requests
+    /// that start together share one handshake.
+    connection: Arc<tokio::sync::Mutex<Option<quinn::Connection>>>,
+}
+
+impl BlobNet {
+    /// Binds the data endpoint at `addr` (port 0 allowed) and serves requests from any
+    /// authenticated peer that is not banned, handing them to the node through `events`.
+    /// Must be called inside a tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        key: &SecretKey,
+        idle_timeout: Duration,
+        request_timeout: Duration,
+        events: mpsc::Sender<NetEvent>,
+    ) -> Result<BlobNet, BlobNetBindError> {
+        let tls_error = |source| BlobNetBindError::Tls { addr, source };
+        let identity = Identity::new(key).map_err(tls_error)?;
+        let transport = Arc::new(transport_config(idle_timeout));
+        let tls = admin::server_tls(key, None, BLOB_ALPN).map_err(tls_error)?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_error(e.into()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport.clone());
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|source| BlobNetBindError::Socket { addr, source })?;
+        let inner = Arc::new(Inner {
+            endpoint,
+            identity,
+            transport,
+            request_timeout,
+            peers: Mutex::new(HashMap::new()),
+            banned: Mutex::new(HashMap::new()),
+            events,
+            inbound: Semaphore::new(INBOUND_PENDING_MAX),
+        });
+        tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.endpoint.clone()));
+        Ok(BlobNet { inner })
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.endpoint.local_addr().ok()
+    }
+
+    /// Where `peer`'s data endpoint is believed to be.
+    #[cfg(test)]
+    pub(crate) fn endpoint_of(&self, peer: &PeerId) -> Option<SocketAddr> {
+        lock(&self.inner.peers).get(peer).map(|p| p.addr)
+    }
+
+    /// Records where `peer`'s data endpoint is. A new address replaces the old one and
+    /// drops its connection (the peer restarted on another port).
+    pub fn learn(&self, peer: PeerId, addr: SocketAddr) {
+        let mut peers = lock(&self.inner.peers);
+        if peers.get(&peer).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        if !peers.contains_key(&peer) && peers.len() >= DATA_PEERS_MAX {
+            debug!(%peer, "not remembering another data endpoint: {DATA_PEERS_MAX} known");
+            return;
+        }
+        let old = peers.insert(
+            peer,
+            Peer {
+                addr,
+                unreachable_until: None,
+                connection: Arc::default(),
+            },
+        );
+        drop(peers);
+        if let Some(old) = old {
+            close_later(old.connection, CLOSE_GONE, b"peer moved");
+        }
+    }
+
+    /// Forgets `peer` and closes its connection, failing its requests at once: the swarm
+    /// lost the peer, so its data connection is likely dead too.
+    pub fn forget(&self, peer: &PeerId) {
+        if let Some(old) = lock(&self.inner.peers).remove(peer) {
+            close_later(old.connection, CLOSE_GONE, b"peer gone");
+        }
+    }
+
+    /// Refuses `peer`'s connections and requests until `until`, and drops what is known
+    /// of it.
+    pub fn ban(&self, peer: PeerId, until: Instant) {
+        {
+            let mut banned = lock(&self.inner.banned);
+            let now = Instant::now();
+            banned.retain(|_, t| *t > now);
+            banned.insert(peer, until);
+        }
+        self.forget(&peer);
+    }
+
+    /// Closes the endpoint and with it every data connection.
+    pub fn close(&self) {
+        self.inner
+            .endpoint
+            .close(CLOSE_SHUTDOWN, b"node shutting down");
+    }
+
+    /// Sends `request` to `peer` over its data endpoint. None when the data plane has no
+    /// way to the peer (its endpoint is unknown, or was unreachable moments ago); the
+    /// caller then uses the swarm.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: &BlobRequest,
+    ) -> Option<Result<BlobResponse, RequestError>> {
+        let (addr, slot) = {
+            let mut peers = lock(&self.inner.peers);
+            let known = peers.get_mut(&peer)?;
+            match known.unreachable_until {
+                Some(until) if Instant::now() < until => return None,
+                Some(_) => known.unreachable_until = None,
+                None => {}
+            }
+            (known.addr, known.connection.clone())
+        };
+        let connection = {
+            let mut held = slot.lock().await;
+            match held.as_ref().filter(|c| c.close_reason().is_none()) {
+                Some(c) => c.clone(),
+                None => match self.inner.connect(peer, addr).await {
+                    Ok(c) => {
+                        debug!(%peer, %addr, "data connection open");
+                        *held = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        debug!(%peer, %addr, error = %e, "data endpoint unreachable; using the swarm");
+                        if let Some(known) = lock(&self.inner.peers).get_mut(&peer) {
+                            known.unreachable_until =
+                                Some(Instant::now() + Duration::from_millis(DATA_UNREACHABLE_MS));
+                        }
+                        return None;
+                    }
+                },
+            }
+        };
+        let failed = |what: &str, e: &dyn std::fmt::Display| RequestError::Failed {
+            peer,
+            reason: format!("{what}: {e}"),
+        };
+        let exchange = async {
+            let (mut send, mut recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| failed("opening a blob stream", &e))?;
+            let bytes = wire::encode(request).map_err(|e| failed("encoding the request", &e))?;
+            send.write_all(&bytes)
+                .await
+                .map_err(|e| failed("sending the request", &e))?;
+            send.finish()
+                .map_err(|e| failed("finishing the request", &e))?;
+            let bytes = recv
+                .read_to_end(BLOB_RESPONSE_BYTES_MAX)
+                .await
+                .map_err(|e| failed("reading the response", &e))?;
+            wire::decode::<BlobResponse>(&bytes, BLOB_RESPONSE_BYTES_MAX)
+                .map_err(|e| failed("decoding the response", &e))
+        };
+        Some(
+            match tokio::time::timeout(self.inner.request_timeout, exchange).await {
+                Ok(result) => result,
+                Err(_) => Err(RequestError::Failed {
+                    peer,
+                    reason: format!(
+                        "no response within {} ms",
+                        self.inner.request_timeout.as_millis()
+                    ),
+                }),
+            },
+        )
+    }
+}
+
+impl Inner {
+    async fn connect(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, ConnectError> {
+        let expected = PublicKey::from_peer_id(&peer).ok_or(ConnectError::NotEd25519(peer))?;
+        let tls = admin::client_tls(&self.identity, Some(expected), Arc::default(), BLOB_ALPN)?;
+        let crypto = QuicClientConfig::try_from(tls).map_err(AdminTlsError::from)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(self.transport.clone());
+        let connecting = self.endpoint.connect_with(config, addr, SERVER_NAME)?;
+        let connection =
+            tokio::time::timeout(Duration::from_millis(DATA_CONNECT_MS_MAX), connecting)
+                .await
+                .map_err(|_| ConnectError::Timeout)??;
+        if admin::negotiated_alpn(&connection).as_deref() != Some(BLOB_ALPN) {
+            connection.close(CLOSE_REFUSED, b"wrong application protocol");
+            return Err(ConnectError::Protocol);
+        }
+        Ok(connection)
+    }
+
+    fn is_banned(&self, peer: &PeerId) -> bool {
+        lock(&self.banned)
+            .get(peer)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// Hands one request to the node and waits for its answer; `Busy` when the node has
+    /// too many waiting, its queue is full, or it does not answer in time.
+    async fn answer(&self, peer: PeerId, request: BlobRequest) -> BlobResponse {
+        let Ok(_permit) = self.inbound.try_acquire() else {
+            return BlobResponse::Busy;
+        };
+        let (tx, rx) = oneshot::channel();
+        let event = NetEvent::BlobRequested {
+            peer,
+            request,
+            reply: Responder(tx),
+        };
+        if self.events.try_send(event).is_err() {
+            return BlobResponse::Busy;
+        }
+        match tokio::time::timeout(Duration::from_millis(RESPONDER_MS_MAX), rx).await {
+            Ok(Ok(response)) => response,
+            _ => BlobResponse::Busy,
+        }
+    }
+}
+
+fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
+    let idle_ms = u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX);
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(VarInt::from_u32(idle_ms).into()))
+        // Keep-alives make an idle timeout mean a dead peer, as on the swarm.
+        .keep_alive_interval(Some(Duration::from_millis(u64::from(idle_ms / 3).max(100))))
+        .max_concurrent_bidi_streams(VarInt::from_u32(DATA_STREAMS_MAX))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW_BYTES))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW_BYTES))
+        .send_window(u64::from(CONNECTION_WINDOW_BYTES));
+    t
+}
+
+/// Closes a peer's connection without waiting for requests that are using its lock.
+fn close_later(
+    slot: Arc<tokio::sync::Mutex<Option<quinn::Connection>>>,
+    code: VarInt,
+    reason: &'static [u8],
+) {
+    if let Ok(held) = slot.try_lock() {
+        if let Some(c) = held.as_ref() {
+            c.close(code, reason);
+        }
+        return;
+    }
+    // A request holds the lock while it connects; close what it makes once it is done.
+    tokio::spawn(async move {
+        if let Some(c) = slot.lock().await.as_ref() {
+            c.close(code, reason);
+        }
+    });
+}
+
+/// Accepts connections until the endpoint closes or the handle is dropped.
+async fn accept_loop(inner: std::sync::Weak<Inner>, endpoint: quinn::Endpoint) {
+    let connections = Arc::new(Semaphore::new(DATA_CONNECTIONS_MAX));
+    while let Some(incoming) = endpoint.accept().await {
+        let Some(inner) = inner.upgrade() else {
+            break;
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "refused a data connection: {DATA_CONNECTIONS_MAX} already open");
+            incoming.refuse();
+            continue;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(inner, incoming).await;
+        });
+    }
+    debug!("blob endpoint closed");
+}
+
+/// Authenticates one peer and serves its requests, each stream in a task of its own (at
+/// most [`DATA_STREAMS_MAX`] at once, as the transport configuration allows).
+async fn serve_connection(inner: Arc<Inner>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%remote, error = %e, "refused a data connection");
+            return;
+        }
+    };
+    let connection =
+        match tokio::time::timeout(Duration::from_millis(DATA_CONNECT_MS_MAX), connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                debug!(%remote, error = %e, "data connection handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(%remote, "data connection handshake timed out");
+                return;
+            }
+        };
+    if admin::negotiated_alpn(&connection).as_deref() != Some(BLOB_ALPN) {
+        connection.close(CLOSE_REFUSED, b"wrong application protocol");
+        return;
+    }
+    let Some(peer) = admin::peer_key(&connection).and_then(|k| k.peer_id().ok()) else {
+        connection.close(CLOSE_REFUSED, b"no ed25519 certificate");
+        return;
+    };
+    if inner.is_banned(&peer) {
+        debug!(%peer, "refusing a banned peer's data connection");
+        connection.close(CLOSE_REFUSED, b"banned");
+        return;
+    }
+    loop {
+        let (send, recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                debug!(%peer, error = %e, "data connection closed");
+                return;
+            }
+        };
+        // A ban made while the connection was open ends it at its next request.
+        if inner.is_banned(&peer) {
+            debug!(%peer, "closing a banned peer's data connection");
+            connection.close(CLOSE_REFUSED, b"banned");
+            return;
+        }
+        tokio::spawn(serve_stream(inner.clone(), peer, send, recv));
+    }
+}
+
+async fn serve_stream(
+    inner: Arc<Inner>,
+    peer: PeerId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let read = tokio::time::timeout(
+        Duration::from_millis(DATA_REQUEST_READ_MS_MAX),
+        recv.read_to_end(DATA_REQUEST_BYTES_MAX),
+    )
+    .await;
+    let request = match read {
+        Ok(Ok(bytes)) => match wire::decode::<BlobRequest>(&bytes, DATA_REQUEST_BYTES_MAX) {
+            Ok(request) => request,
+            Err(e) => {
+                debug!(%peer, error = %e, "malformed blob request");
+                let _ = send.reset(CLOSE_REFUSED);
+                return;
+            }
+        },
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "reading a blob request failed");
+            let _ = send.reset(CLOSE_REFUSED);
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "a blob request did not arrive in time");
+            let _ = send.reset(CLOSE_REFUSED);
+            return;
+        }
+    };
+    let response = inner.answer(peer, request).await;
+    let bytes = match wire::encode(&response) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            warn!(%peer, error = %e, "encoding a blob response failed");
+            let _ = send.reset(CLOSE_REFUSED);
+            return;
+        }
+    };
+    // A failed send means the peer has gone or given up on the request.
+    if send.write_all(&bytes).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ContentId;
+
+    const LOCALHOST: &str = "127.0.0.1:0";
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Node {
+        net: BlobNet,
+        peer: PeerId,
+        events: mpsc::Receiver<NetEvent>,
+    }
+
+    fn node(seed: u8) -> Node {
+        let key = SecretKey::from_seed([seed; 32]);
+        let (tx, events) = mpsc::channel(16);
+        let net = BlobNet::bind(
+            LOCALHOST.parse().unwrap(),
+            &key,
+            Duration::from_secs(6),
+            TIMEOUT,
+            tx,
+        )
+        .unwrap();
+        Node {
+            net,
+            peer: key.public().peer_id().unwrap(),
+            events,
+        }
+    }
+
+    fn groups(start: u64, end: u64) -> BlobRequest {
+        BlobRequest::Groups {
+            id: ContentId::of(b"blob"),
+            start,
+            end,
+        }
+    }
+
+    /// Answers every request with the range it asked for, as bytes, until dropped.
+    fn serve(mut events: mpsc::Receiver<NetEvent>, from: PeerId) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if let NetEvent::BlobRequested {
+                    peer,
+                    request,
+                    reply,
+                } = event
+                {
+                    assert_eq!(peer, from, "the server names the authenticated peer");
+                    match request {
+                        BlobRequest::Groups { start, end, .. } => {
+                            reply.send(BlobResponse::Encoded(vec![7; (end - start) as usize]))
+                        }
+                        BlobRequest::Have { .. } => drop(reply),
+                    }
+                }
+            }
+        })
+    }
+
+    /// Node `seed`, which knows the data endpoint of node `seed + 1`; that one serves
+    /// it until the returned task is dropped.
+    fn pair(seed: u8) -> Pair {
+        let a = node(seed);
+        let b = node(seed + 1);
+        let server = serve(b.events, a.peer);
+        a.net.learn(b.peer, b.net.local_addr().unwrap());
+        Pair {
+            a: a.net,
+            a_peer: a.peer,
+            b: b.net,
+            b_peer: b.peer,
+            _server: server,
+        }
+    }
+
+    struct Pair {
+        a: BlobNet,
+        a_peer: PeerId,
+        b: BlobNet,
+        b_peer: PeerId,
+        _server: tokio::task::JoinHandle<()>,
+    }
+
+    #[tokio::test]
+    async fn requests_reach_the_peer_and_name_the_requester() {
+        // The pair is kept whole: dropping its server side would close the endpoint.
+        let p = pair(1);
+        let (a, b_peer) = (&p.a, p.b_peer);
+        // Several requests at once share one connection and each gets its own answer.
+        let answers = futures::future::join_all((1..=8u64).map(|n| {
+            let net = a.clone();
+            async move { net.request(b_peer, &groups(0, n * 1000)).await }
+        }))
+        .await;
+        for (n, answer) in (1..=8usize).zip(answers) {
+            let answer = answer.expect("a known endpoint is used").unwrap();
+            assert_eq!(answer, BlobResponse::Encoded(vec![7; n * 1000]));
+        }
+        // A request the node leaves unanswered is answered busy, not left to time out.
+        let have = BlobRequest::Have {
+            id: ContentId::of(b"blob"),
+        };
+        let answer = a.request(b_peer, &have).await.unwrap().unwrap();
+        assert_eq!(answer, BlobResponse::Busy);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_or_unreachable_endpoint_leaves_the_request_to_the_swarm() {
+        let a = node(3);
+        let b = node(4);
+        assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
+        // Nothing listens here: the handshake times out and the peer is marked unreachable.
+        let dead = {
+            let socket = std::net::UdpSocket::bind(LOCALHOST).unwrap();
+            socket.local_addr().unwrap()
+        };
+        a.net.learn(b.peer, dead);
+        let started = Instant::now();
+        assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
+        assert!(started.elapsed() >= Duration::from_millis(DATA_CONNECT_MS_MAX / 2));
+        // Asked again at once, it does not wait for another handshake.
+        let started = Instant::now();
+        assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
+        assert!(started.elapsed() < Duration::from_millis(DATA_CONNECT_MS_MAX / 2));
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_with_another_key_is_not_trusted() {
+        let a = node(5);
+        let b = node(6);
+        let impostor = node(7);
+        let _server = serve(impostor.events, a.peer);
+        // b's address is claimed by a node with another key: the handshake fails, and
+        // the request is left to the swarm, which authenticates b itself.
+        a.net.learn(b.peer, impostor.net.local_addr().unwrap());
+        assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_banned_peer_is_refused() {
+        let Pair {
+            a,
+            a_peer,
+            b,
+            b_peer,
+            ..
+        } = pair(8);
+        assert!(a.request(b_peer, &groups(0, 1)).await.unwrap().is_ok());
+        b.ban(a_peer, Instant::now() + Duration::from_secs(60));
+        // The ban ends the open connection at its next request, and a new connection
+        // is refused.
+        for _ in 0..2 {
+            let answer = a.request(b_peer, &groups(0, 1)).await;
+            assert!(
+                !matches!(answer, Some(Ok(_))),
+                "a banned peer was served: {answer:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_request_resets_its_stream_and_nothing_else() {
+        let p = pair(10);
+        let (a, b_peer) = (&p.a, p.b_peer);
+        assert!(a.request(b_peer, &groups(0, 1)).await.unwrap().is_ok());
+        let slot = lock(&a.inner.peers)[&b_peer].connection.clone();
+        let connection = slot.lock().await.clone().unwrap();
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        send.write_all(&[0xff; 64]).await.unwrap();
+        send.finish().unwrap();
+        let read = tokio::time::timeout(TIMEOUT, recv.read_to_end(1024))
+            .await
+            .unwrap();
+        assert!(read.is_err(), "garbage got an answer: {read:?}");
+        // An oversized request is refused the same way.
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        send.write_all(&vec![0; DATA_REQUEST_BYTES_MAX + 1])
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let read = tokio::time::timeout(TIMEOUT, recv.read_to_end(1024))
+            .await
+            .unwrap();
+        assert!(
+            read.is_err(),
+            "an oversized request got an answer: {read:?}"
+        );
+        // The connection still serves well-formed requests.
+        let answer = a.request(b_peer, &groups(0, 5)).await.unwrap().unwrap();
+        assert_eq!(answer, BlobResponse::Encoded(vec![7; 5]));
+    }
+}
