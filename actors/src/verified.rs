@@ -83,14 +83,21 @@ fn io_err(action: impl Into<String>) -> impl FnOnce(io::Error) -> VerifiedError 
 /// Computes the pre-order outboard of the file at `path` (streaming, no whole-file
 /// buffer) and checks that its root is `id`.
 pub fn outboard_of_file(id: &ContentId, path: &Path, size: u64) -> Result<Vec<u8>, VerifiedError> {
+    let (root, ob) = hash_file(path, size)?;
+    if root != *id {
+        return Err(VerifiedError::BadOutboard { id: *id });
+    }
+    Ok(ob)
+}
+
+/// The BLAKE3 hash of the first `size` bytes of the file at `path` and their pre-order
+/// outboard, in one streaming pass.
+pub fn hash_file(path: &Path, size: u64) -> Result<(ContentId, Vec<u8>), VerifiedError> {
     let file = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
     let reader = io::BufReader::with_capacity(256 * 1024, file);
     let ob = PreOrderOutboard::<Vec<u8>>::create_sized(reader, size, block_size())
         .map_err(io_err(format!("hashing {}", path.display())))?;
-    if ob.root != root_of(id) {
-        return Err(VerifiedError::BadOutboard { id: *id });
-    }
-    Ok(ob.data)
+    Ok((ContentId::from(ob.root), ob.data))
 }
 
 /// Encodes groups `start..end` of a complete blob file with their proof.

@@ -358,7 +358,13 @@ fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW_BYTES))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW_BYTES))
-        .send_window(u64::from(CONNECTION_WINDOW_BYTES));
+        .send_window(u64::from(CONNECTION_WINDOW_BYTES))
+        // Responses go out one after another, in the order they were written, instead
+        // of interleaved: the first one is complete (and verified by the requester,
+        // which then asks again) while the next is still on the wire. Interleaved, all
+        // of a peer's responses finished together and each end idled while the other
+        // worked.
+        .send_fairness(false);
     t
 }
 
