@@ -119,10 +119,13 @@ struct Peer {
     addr: SocketAddr,
     /// Set after a failed connection: until then the swarm's path is used.
     unreachable_until: Option<Instant>,
-    /// The connection, made by the first request that needs it; the lock makes requests
-    /// that start together share one handshake.
-    connection: Arc<tokio::sync::Mutex<Option<quinn::Connection>>>,
+    /// The connection, made by the first request that needs it.
+    connection: Slot,
 }
+
+/// A peer's data connection, once made; the lock makes requests that start together
+/// share one handshake.
+type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
 impl BlobNet {
     /// Binds the data endpoint at `addr` (port 0 allowed) and serves requests from any
@@ -229,20 +232,14 @@ impl BlobNet {
         peer: PeerId,
         request: &BlobRequest,
     ) -> Option<Result<BlobResponse, RequestError>> {
-        let (addr, slot) = {
-            let mut peers = lock(&self.inner.peers);
-            let known = peers.get_mut(&peer)?;
-            match known.unreachable_until {
-                Some(until) if Instant::now() < until => return None,
-                Some(_) => known.unreachable_until = None,
-                None => {}
-            }
-            (known.addr, known.connection.clone())
-        };
+        let (addr, slot) = self.inner.route(&peer)?;
         let connection = {
             let mut held = slot.lock().await;
             match held.as_ref().filter(|c| c.close_reason().is_none()) {
                 Some(c) => c.clone(),
+                // Requests that waited for a connection that failed go to the swarm
+                // too, rather than each waiting for a handshake of its own.
+                None if self.inner.route(&peer).is_none() => return None,
                 None => match self.inner.connect(peer, addr).await {
                     Ok(c) => {
                         debug!(%peer, %addr, "data connection open");
@@ -298,6 +295,19 @@ impl BlobNet {
 }
 
 impl Inner {
+    /// Where to send a request to `peer`, and its connection slot; None when its data
+    /// endpoint is unknown or was unreachable moments ago.
+    fn route(&self, peer: &PeerId) -> Option<(SocketAddr, Slot)> {
+        let mut peers = lock(&self.peers);
+        let known = peers.get_mut(peer)?;
+        match known.unreachable_until {
+            Some(until) if Instant::now() < until => return None,
+            Some(_) => known.unreachable_until = None,
+            None => {}
+        }
+        Some((known.addr, known.connection.clone()))
+    }
+
     async fn connect(
         &self,
         peer: PeerId,
@@ -369,11 +379,7 @@ fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
 }
 
 /// Closes a peer's connection without waiting for requests that are using its lock.
-fn close_later(
-    slot: Arc<tokio::sync::Mutex<Option<quinn::Connection>>>,
-    code: VarInt,
-    reason: &'static [u8],
-) {
+fn close_later(slot: Slot, code: VarInt, reason: &'static [u8]) {
     if let Ok(held) = slot.try_lock() {
         if let Some(c) = held.as_ref() {
             c.close(code, reason);
@@ -632,9 +638,14 @@ mod tests {
             socket.local_addr().unwrap()
         };
         a.net.learn(b.peer, dead);
+        // Requests that start together wait for one handshake, not one each.
         let started = Instant::now();
-        assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
+        let request = groups(0, 1);
+        let answers =
+            futures::future::join_all((0..3).map(|_| a.net.request(b.peer, &request))).await;
+        assert!(answers.iter().all(Option::is_none));
         assert!(started.elapsed() >= Duration::from_millis(DATA_CONNECT_MS_MAX / 2));
+        assert!(started.elapsed() < Duration::from_millis(DATA_CONNECT_MS_MAX * 2));
         // Asked again at once, it does not wait for another handshake.
         let started = Instant::now();
         assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());

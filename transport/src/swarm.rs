@@ -629,6 +629,9 @@ impl Driver {
                 }
             }
         }
+        // The data endpoint's connections would otherwise outlive the swarm: their
+        // keep-alives hold them open, and their tasks hold the endpoint.
+        self.blobs.close();
         tracing::debug!("swarm driver stopped");
     }
 
