@@ -229,6 +229,11 @@ impl Blobs {
         self.shard_dir(id).join(id.to_string())
     }
 
+    /// Where the bao outboard of blob `id` is kept.
+    fn outboard_path(&self, id: &ContentId) -> PathBuf {
+        self.outboards_dir.join(id.to_string())
+    }
+
     /// Creates the shard directory of `id` if needed, durably: a new directory entry in
     /// `blobs/` must survive a crash along with the blob renamed into it.
     fn ensure_shard(&self, id: &ContentId) -> io::Result<PathBuf> {
@@ -452,7 +457,7 @@ impl ContentStore {
     /// The bao outboard of a complete blob, computed (and checked against the id) the
     /// first time it is needed.
     pub fn outboard_path(&self, id: &ContentId) -> Result<PathBuf, ReadError> {
-        let path = self.blobs.outboards_dir.join(id.to_string());
+        let path = self.blobs.outboard_path(id);
         if path.exists() {
             return Ok(path);
         }
@@ -498,7 +503,7 @@ impl ContentStore {
         outboard: &[u8],
     ) -> Result<(), PutError> {
         let io_err = |source| PutError::Io { id: *id, source };
-        let ob_path = self.blobs.outboards_dir.join(id.to_string());
+        let ob_path = self.blobs.outboard_path(id);
         fsutil::write_atomic(&ob_path, outboard, BLOB_FILE_MODE).map_err(io_err)?;
         let shard = self.blobs.ensure_shard(id).map_err(io_err)?;
         fs::rename(data, self.blobs.blob_path(id)).map_err(io_err)?;
@@ -621,7 +626,7 @@ impl ContentStore {
     /// Deletes a blob. Release records that name it are left alone; the caller decides
     /// what may be garbage collected.
     pub fn remove(&self, id: &ContentId) -> Result<(), ReadError> {
-        let _ = fs::remove_file(self.blobs.outboards_dir.join(id.to_string()));
+        let _ = fs::remove_file(self.blobs.outboard_path(id));
         let path = self.blobs.blob_path(id);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -884,7 +889,7 @@ impl ContentStore {
             size
         };
         let path = self.blobs.blob_path(id);
-        let ob_path = self.blobs.outboards_dir.join(id.to_string());
+        let ob_path = self.blobs.outboard_path(id);
         let outboard = fs::read(&ob_path).ok();
         let _ = fs::remove_file(&ob_path);
         let kept = self.blobs.quarantine_dir.join(id.to_string());
@@ -929,7 +934,7 @@ impl ContentStore {
     /// Forgets a blob's outboard (it failed to prove a blob that itself verifies); the
     /// next request computes it again.
     pub fn drop_outboard(&self, id: &ContentId) {
-        let _ = fs::remove_file(self.blobs.outboards_dir.join(id.to_string()));
+        let _ = fs::remove_file(self.blobs.outboard_path(id));
     }
 
     /// The quarantined blobs not yet handed out for fetching again (id, size).
@@ -1105,7 +1110,7 @@ impl BlobWriter {
         fsutil::sync_dir(&self.blobs.partial_dir).map_err(io_err)?;
         // A crash before this leaves the blob without an outboard; the first request
         // for it computes one, as it does for blobs stored whole.
-        let ob_path = self.blobs.outboards_dir.join(id.to_string());
+        let ob_path = self.blobs.outboard_path(&id);
         fsutil::write_atomic(&ob_path, &outboard, BLOB_FILE_MODE).map_err(io_err)?;
         self.blobs.index().insert(id, self.size);
         Ok(())
@@ -1154,7 +1159,6 @@ mod tests {
         out
     }
 
-    /// Files other than the release database.
     /// Blob data files and partial files, without the database and the outboards.
     fn blob_files(dir: &Path) -> Vec<PathBuf> {
         files_under(dir)

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use crate::admin::{self, AdminTlsError, Identity};
+use crate::bans::{self, SharedBans};
 use crate::swarm::{
     BlobRequest, BlobResponse, NetEvent, RequestError, Responder, BLOB_RESPONSE_BYTES_MAX,
     INBOUND_PENDING_MAX, RESPONDER_MS_MAX,
@@ -108,7 +109,8 @@ struct Inner {
     transport: Arc<quinn::TransportConfig>,
     request_timeout: Duration,
     peers: Mutex<HashMap<PeerId, Peer>>,
-    banned: Mutex<HashMap<PeerId, Instant>>,
+    /// The swarm driver's list: it bans and lifts, this endpoint refuses.
+    banned: SharedBans,
     events: mpsc::Sender<NetEvent>,
     /// Inbound requests waiting for the node's answer, over all peers.
     inbound: Semaphore,
@@ -137,6 +139,7 @@ impl BlobNet {
         idle_timeout: Duration,
         request_timeout: Duration,
         events: mpsc::Sender<NetEvent>,
+        banned: SharedBans,
     ) -> Result<BlobNet, BlobNetBindError> {
         let tls_error = |source| BlobNetBindError::Tls { addr, source };
         let identity = Identity::new(key).map_err(tls_error)?;
@@ -153,7 +156,7 @@ impl BlobNet {
             transport,
             request_timeout,
             peers: Mutex::new(HashMap::new()),
-            banned: Mutex::new(HashMap::new()),
+            banned,
             events,
             inbound: Semaphore::new(INBOUND_PENDING_MAX),
         });
@@ -198,23 +201,11 @@ impl BlobNet {
     }
 
     /// Forgets `peer` and closes its connection, failing its requests at once: the swarm
-    /// lost the peer, so its data connection is likely dead too.
+    /// lost the peer (its data connection is likely dead too), or banned it.
     pub fn forget(&self, peer: &PeerId) {
         if let Some(old) = lock(&self.inner.peers).remove(peer) {
             close_later(old.connection, CLOSE_GONE, b"peer gone");
         }
-    }
-
-    /// Refuses `peer`'s connections and requests until `until`, and drops what is known
-    /// of it.
-    pub fn ban(&self, peer: PeerId, until: Instant) {
-        {
-            let mut banned = lock(&self.inner.banned);
-            let now = Instant::now();
-            banned.retain(|_, t| *t > now);
-            banned.insert(peer, until);
-        }
-        self.forget(&peer);
     }
 
     /// Closes the endpoint and with it every data connection.
@@ -331,9 +322,7 @@ impl Inner {
     }
 
     fn is_banned(&self, peer: &PeerId) -> bool {
-        lock(&self.banned)
-            .get(peer)
-            .is_some_and(|until| Instant::now() < *until)
+        bans::lock(&self.banned).is_banned(peer, Instant::now())
     }
 
     /// Hands one request to the node and waits for its answer; `Busy` when the node has
@@ -541,6 +530,7 @@ mod tests {
             Duration::from_secs(6),
             TIMEOUT,
             tx,
+            SharedBans::default(),
         )
         .unwrap();
         Node {
@@ -674,7 +664,8 @@ mod tests {
             ..
         } = pair(8);
         assert!(a.request(b_peer, &groups(0, 1)).await.unwrap().is_ok());
-        b.ban(a_peer, Instant::now() + Duration::from_secs(60));
+        // As the swarm driver bans a peer that sent bad data.
+        bans::lock(&b.inner.banned).insert(a_peer, Instant::now() + Duration::from_secs(60));
         // The ban ends the open connection at its next request, and a new connection
         // is refused.
         for _ in 0..2 {

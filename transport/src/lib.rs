@@ -6,6 +6,7 @@
 //! policy: which releases to trust, what to fetch and whom to penalise are decided above.
 
 pub mod admin;
+pub mod bans;
 pub mod blobnet;
 pub mod fsutil;
 pub mod id;

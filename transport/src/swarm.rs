@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::bans::{self, SharedBans};
 use crate::blobnet::BlobNet;
 use crate::redial::{Redial, RedialPolicy};
 use crate::{wire, ContentId, SecretKey};
@@ -37,8 +38,6 @@ pub const BLOB_RESPONSE_BYTES_MAX: usize = 1024 * 1024 + 128 * 1024;
 /// Runs of held ranges listed in one have-answer; a peer holding a more fragmented
 /// blob lists its first runs.
 pub const HAVE_RUNS_MAX: usize = 1024;
-/// Peers banned at once; the oldest ban is lifted early when more are added.
-pub const BANNED_PEERS_MAX: usize = 1024;
 /// Rpc requests and responses carry release lists and small queries.
 pub const RPC_BYTES_MAX: usize = 1024 * 1024;
 /// A request the node has not answered by then is answered `Busy`.
@@ -263,7 +262,6 @@ impl SwarmHandle {
     /// one that does not keeps it until its idle timeout, and a restarted node with the
     /// same identity would then be a second connection (see `Run`).
     pub async fn close(&self) {
-        self.blobs.close();
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Close(tx)).await.is_ok() {
             let wait = Duration::from_millis(CLOSE_WAIT_MS_MAX + 250);
@@ -288,7 +286,7 @@ impl SwarmHandle {
     /// Disconnects a peer that misbehaved (sent data that failed verification) and
     /// refuses it for `ban`; gossipsub stops relaying its messages too.
     pub async fn penalize(&self, peer: PeerId, ban: Duration, reason: String) {
-        self.blobs.ban(peer, Instant::now() + ban);
+        self.blobs.forget(&peer);
         let _ = self
             .commands
             .send(Command::Penalize { peer, ban, reason })
@@ -360,12 +358,14 @@ pub async fn spawn(
     let cfg = config.clone();
     let boot: u64 = rand::random();
     let (ev_tx, ev_rx) = mpsc::channel(EVENTS_QUEUE_MAX);
+    let banned = SharedBans::default();
     let blobs = BlobNet::bind(
         blob_bind_addr(&config.listen, config.blob_port),
         key,
         config.idle_timeout,
         config.request_timeout,
         ev_tx.clone(),
+        banned.clone(),
     )?;
     let blob_port = blobs.local_addr().map_or(0, |a| a.port());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -435,7 +435,7 @@ pub async fn spawn(
         events: ev_tx,
         redial,
         pending_blobs: HashMap::new(),
-        banned: HashMap::new(),
+        banned,
         runs: HashMap::new(),
         closing: None,
         pending_rpcs: HashMap::new(),
@@ -592,7 +592,8 @@ struct Driver {
     events: mpsc::Sender<NetEvent>,
     redial: Redial,
     pending_blobs: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, RequestError>>>,
-    banned: HashMap<PeerId, Instant>,
+    /// Shared with the data endpoint, which refuses the same peers.
+    banned: SharedBans,
     /// Each connected peer's current run of connections; removed when the last closes.
     runs: HashMap<PeerId, Run>,
     /// Set once the node asked to close: whom to tell, and when to stop waiting.
@@ -635,8 +636,8 @@ impl Driver {
         tracing::debug!("swarm driver stopped");
     }
 
-    fn unban(&mut self, peer: PeerId) {
-        self.banned.remove(&peer);
+    /// Lets gossipsub relay a peer's messages again once its ban is lifted.
+    fn unblacklist(&mut self, peer: PeerId) {
         self.swarm
             .behaviour_mut()
             .gossipsub
@@ -644,20 +645,15 @@ impl Driver {
     }
 
     fn is_banned(&self, peer: &PeerId) -> bool {
-        self.banned.contains_key(peer)
+        bans::lock(&self.banned).is_banned(peer, Instant::now())
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        let expired: Vec<PeerId> = self
-            .banned
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(p, _)| *p)
-            .collect();
+        let expired = bans::lock(&self.banned).lift_expired(now);
         for p in expired {
             tracing::info!(%p, "ban lifted");
-            self.unban(p);
+            self.unblacklist(p);
         }
         if self.closing.is_some() {
             return;
@@ -705,14 +701,10 @@ impl Driver {
             }
             Command::Penalize { peer, ban, reason } => {
                 tracing::warn!(%peer, ?ban, "penalizing peer: {reason}");
-                if self.banned.len() >= BANNED_PEERS_MAX {
-                    if let Some(oldest) =
-                        self.banned.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)
-                    {
-                        self.unban(oldest);
-                    }
+                let lifted = bans::lock(&self.banned).insert(peer, Instant::now() + ban);
+                if let Some(oldest) = lifted {
+                    self.unblacklist(oldest);
                 }
-                self.banned.insert(peer, Instant::now() + ban);
                 self.swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
