@@ -172,6 +172,23 @@ impl Transfers {
         self.lock().providers.get(id)?.get(peer).map(|(s, _, _)| *s)
     }
 
+    /// Registers a partial blob as a download in progress without running one, so
+    /// tests can serve from it.
+    #[cfg(test)]
+    pub(crate) fn insert_partial(&self, partial: Arc<Mutex<PartialBlob>>) {
+        let id = lock(&partial).id();
+        self.lock().active.insert(
+            id,
+            Active {
+                partial,
+                label: "test".into(),
+                started: Instant::now(),
+                received: 0,
+                peers: 0,
+            },
+        );
+    }
+
     /// The partial download of `id`, if one is running, to serve from.
     pub fn partial(&self, id: &ContentId) -> Option<Arc<Mutex<PartialBlob>>> {
         self.lock().active.get(id).map(|a| a.partial.clone())

@@ -384,14 +384,8 @@ pub struct Server<'a> {
 }
 
 impl Server<'_> {
-    fn decide(
-        &self,
-        id: ContentId,
-        size: u64,
-        holds: Option<&dyn Fn(u64) -> bool>,
-        start: u64,
-        end: u64,
-    ) -> Decision {
+    /// Decides on a request for groups of a blob this node holds whole.
+    fn decide(&self, id: ContentId, size: u64, start: u64, end: u64) -> Decision {
         if !crate::verified::is_valid_range(size, start, end) {
             // Not a valid request: the encoder refuses it, and it must not count as sent
             // (a peer could otherwise hold back every group from the others).
@@ -406,7 +400,6 @@ impl Server<'_> {
             .decide(
                 id,
                 crate::verified::groups_of(size),
-                holds,
                 tag,
                 start,
                 end,
@@ -447,26 +440,16 @@ pub fn serve(
         }
         BlobRequest::Groups { id, start, end } => {
             if let Some(size) = store.size_of(id) {
-                if let Decision::Elsewhere(fresh) = from.decide(*id, size, None, *start, *end) {
+                if let Decision::Elsewhere(fresh) = from.decide(*id, size, *start, *end) {
                     return BlobResponse::Elsewhere { fresh };
                 }
                 return serve_complete(store, id, size, *start, *end);
             }
             match transfers.partial(id) {
                 Some(p) => {
+                    // A node still fetching serves what it holds to whoever asks (see
+                    // `crate::seeding` for why it does not super-seed).
                     let p = p.lock().unwrap_or_else(|e| e.into_inner());
-                    // Groups it does not hold yet (or a range too long to be a valid
-                    // request) are answered below, and must not count as sent.
-                    let held = crate::verified::is_valid_range(p.size(), *start, *end)
-                        && (*start..*end).all(|g| p.has_group(g));
-                    if held {
-                        let holds = |g| p.has_group(g);
-                        if let Decision::Elsewhere(fresh) =
-                            from.decide(*id, p.size(), Some(&holds), *start, *end)
-                        {
-                            return BlobResponse::Elsewhere { fresh };
-                        }
-                    }
                     match p.encode(*start, *end) {
                         Ok(bytes) => BlobResponse::Encoded(bytes),
                         Err(_) => BlobResponse::NotFound,
@@ -767,7 +750,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn serving_redirects_repeats_and_ignores_invalid_ranges() {
+    fn complete_holders_redirect_repeats_partial_holders_serve_them_and_invalid_ranges_hold_nothing(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = ContentStore::open(dir.path()).unwrap();
         let blob: Vec<u8> = (0..64 * crate::verified::GROUP_BYTES)
@@ -806,6 +790,39 @@ mod tests {
         match ask(&b, 0, 16) {
             BlobResponse::Elsewhere { fresh } => assert_eq!(fresh, vec![(32, 64)]),
             r => panic!("expected a redirect, got {r:?}"),
+        }
+
+        // A node still fetching the blob serves what it holds to every peer that asks,
+        // the same groups too: they are what the fleet needs most from it.
+        let BlobResponse::Encoded(head) = ask(&a, 0, 16) else {
+            panic!("the complete holder serves what it sent the same peer");
+        };
+        let dir2 = tempfile::tempdir().unwrap();
+        let fetching = ContentStore::open(dir2.path()).unwrap();
+        let mut partial =
+            crate::verified::PartialBlob::open(fetching.downloads_dir(), id, blob.len() as u64)
+                .unwrap();
+        partial.receive(0, 16, &head);
+        assert_eq!(partial.have_groups(), 16);
+        let transfers = Transfers::default();
+        transfers.insert_partial(std::sync::Arc::new(Mutex::new(partial)));
+        for who in [&a, &b, &c, &a] {
+            let from = Server {
+                seeding: &seeding,
+                peer: who,
+                now: Instant::now(),
+            };
+            let r = serve(
+                &fetching,
+                &transfers,
+                &from,
+                &BlobRequest::Groups {
+                    id,
+                    start: 0,
+                    end: 16,
+                },
+            );
+            assert!(matches!(r, BlobResponse::Encoded(_)), "got {r:?}");
         }
     }
 

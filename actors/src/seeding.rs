@@ -6,13 +6,19 @@
 //! it knows of the others lags by an announcement; left alone, the publisher ends up
 //! sending the same groups to many peers (about five copies of a blob to a fleet of 16
 //! on 20 Mbit/s links), and the fleet waits for its uplink. The server is the one place
-//! that knows what it has already sent. So while two or more peers fetch a blob, it
-//! answers a request for groups it already sent to another peer with the runs it has
-//! sent least, and the requester takes the rest from the peers that got them: a node
-//! holding the whole blob sends every group once before it sends any twice (what
-//! BitTorrent calls super-seeding). A send is forgotten after [`SENT_MEMORY`], so a
-//! group whose recipient vanished is served again, and a peer asking again for what it
-//! was sent (it lost it) is served.
+//! that knows what it has already sent. So while two or more peers fetch a blob, a node
+//! holding all of it answers a request for groups it already sent to another peer with
+//! the runs it has sent least, and the requester takes the rest from the peers that got
+//! them: every group goes out once before any goes twice (what BitTorrent calls
+//! super-seeding). A send is forgotten after [`SENT_MEMORY`], so a group whose
+//! recipient vanished is served again, and a peer asking again for what it was sent (it
+//! lost it) is served.
+//!
+//! A node still downloading the blob is not asked to decide: it serves whatever it
+//! holds to whoever asks. What it holds came to it because it was rare, and the fleet
+//! needs each of those groups from it many times over; holding them back for a while
+//! after one send (as this module once did at every holder) made each group spread by
+//! doubling, one hop per round trip, and the fleet's uplinks sat idle behind it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -106,14 +112,12 @@ impl Seeding {
     }
 
     /// Decides on a request from the peer tagged `peer` for groups `start..end` of
-    /// blob `id`, which has `groups` groups; `holds` says which of them this node can
-    /// send, `None` for all of them. A served request is remembered as sent.
-    #[allow(clippy::too_many_arguments)]
+    /// blob `id`, which this node holds whole and which has `groups` groups. A served
+    /// request is remembered as sent.
     pub fn decide(
         &mut self,
         id: ContentId,
         groups: u64,
-        holds: Option<&dyn Fn(u64) -> bool>,
         peer: u64,
         start: u64,
         end: u64,
@@ -149,9 +153,7 @@ impl Seeding {
         if blob.fetchers.len() < FETCHERS_MAX || blob.fetchers.contains_key(&peer) {
             blob.fetchers.insert(peer, now);
         }
-        // A partial holder cannot know the floor over groups it does not hold yet, so
-        // for it only the time since the last send counts.
-        let min = if holds.is_none() { blob.min } else { 0 };
+        let min = blob.min;
         // Due: a group that may go to anyone now. The requester may also have again what
         // it was sent itself (it asks because it lost it), but it is not pointed at it.
         let due = |s: &Sent| match s.last {
@@ -176,7 +178,7 @@ impl Seeding {
             // From the request on, wrapping, so each requester is pointed near where it
             // was looking and different requesters are pointed at different places.
             let g = (start + i) % groups;
-            if !(due(&blob.sent[g as usize]) && holds.is_none_or(|h| h(g))) {
+            if !due(&blob.sent[g as usize]) {
                 continue;
             }
             match runs.last_mut() {
@@ -207,7 +209,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Seeding::new();
         for _ in 0..3 {
-            assert_eq!(s.decide(id(1), 64, None, 7, 0, 64, t0), Decision::Serve);
+            assert_eq!(s.decide(id(1), 64, 7, 0, 64, t0), Decision::Serve);
         }
     }
 
@@ -215,31 +217,26 @@ mod tests {
     fn a_second_fetcher_is_pointed_at_what_the_first_was_not_sent() {
         let t0 = Instant::now();
         let mut s = Seeding::new();
-        assert_eq!(s.decide(id(1), 64, None, 1, 0, 16, t0), Decision::Serve);
+        assert_eq!(s.decide(id(1), 64, 1, 0, 16, t0), Decision::Serve);
         // Peer 2 asks for groups peer 1 was just sent: redirected to the rest,
         // starting where it asked, wrapping.
         assert_eq!(
-            s.decide(id(1), 64, None, 2, 0, 16, t0),
+            s.decide(id(1), 64, 2, 0, 16, t0),
             Decision::Elsewhere(vec![(16, 64)])
         );
         // A request repeating even a few groups is pointed at the due ones, from its
         // first due group on; new groups are served.
         assert_eq!(
-            s.decide(id(1), 64, None, 2, 10, 30, t0),
+            s.decide(id(1), 64, 2, 10, 30, t0),
             Decision::Elsewhere(vec![(16, 64)])
         );
-        assert_eq!(s.decide(id(1), 64, None, 2, 16, 30, t0), Decision::Serve);
+        assert_eq!(s.decide(id(1), 64, 2, 16, 30, t0), Decision::Serve);
         // Peer 1 asking again for what it was sent (it lost it) is served, but peer 1 is
         // not pointed at groups peer 2 got.
-        assert_eq!(s.decide(id(1), 64, None, 1, 0, 16, t0), Decision::Serve);
+        assert_eq!(s.decide(id(1), 64, 1, 0, 16, t0), Decision::Serve);
         assert_eq!(
-            s.decide(id(1), 64, None, 1, 0, 20, t0),
+            s.decide(id(1), 64, 1, 0, 20, t0),
             Decision::Elsewhere(vec![(30, 64)])
-        );
-        // Only held groups are offered, from the request on, wrapping.
-        assert_eq!(
-            s.decide(id(1), 64, Some(&|g| g % 32 < 8), 2, 0, 8, t0),
-            Decision::Elsewhere(vec![(32, 40)])
         );
     }
 
@@ -247,13 +244,13 @@ mod tests {
     fn sends_are_forgotten_after_a_while() {
         let t0 = Instant::now();
         let mut s = Seeding::new();
-        assert_eq!(s.decide(id(1), 16, None, 1, 0, 8, t0), Decision::Serve);
+        assert_eq!(s.decide(id(1), 16, 1, 0, 8, t0), Decision::Serve);
         assert_eq!(
-            s.decide(id(1), 16, None, 2, 0, 8, t0),
+            s.decide(id(1), 16, 2, 0, 8, t0),
             Decision::Elsewhere(vec![(8, 16)])
         );
         let later = t0 + SENT_MEMORY;
-        assert_eq!(s.decide(id(1), 16, None, 2, 0, 8, later), Decision::Serve);
+        assert_eq!(s.decide(id(1), 16, 2, 0, 8, later), Decision::Serve);
     }
 
     #[test]
@@ -282,7 +279,7 @@ mod tests {
             while end < limit && end - start < 4 && !h[end as usize] {
                 end += 1;
             }
-            match s.decide(id(1), groups, None, p, start, end, t0) {
+            match s.decide(id(1), groups, p, start, end, t0) {
                 Decision::Serve => {
                     sent += end - start;
                     for g in start..end {
@@ -313,10 +310,10 @@ mod tests {
     fn fetchers_that_went_quiet_no_longer_count() {
         let t0 = Instant::now();
         let mut s = Seeding::new();
-        assert_eq!(s.decide(id(1), 8, None, 1, 0, 4, t0), Decision::Serve);
+        assert_eq!(s.decide(id(1), 8, 1, 0, 4, t0), Decision::Serve);
         // Peer 1 stopped asking; peer 2 alone is served even what peer 1 got.
         let later = t0 + FETCHERS_WINDOW;
-        assert_eq!(s.decide(id(1), 8, None, 2, 0, 4, later), Decision::Serve);
+        assert_eq!(s.decide(id(1), 8, 2, 0, 4, later), Decision::Serve);
     }
 
     #[test]
@@ -324,15 +321,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Seeding::new();
         for n in 0..(SEEDED_BLOBS_MAX as u8 + 4) {
-            s.decide(
-                id(n),
-                4,
-                None,
-                1,
-                0,
-                1,
-                t0 + Duration::from_millis(n.into()),
-            );
+            s.decide(id(n), 4, 1, 0, 1, t0 + Duration::from_millis(n.into()));
         }
         assert_eq!(s.blobs.len(), SEEDED_BLOBS_MAX);
         // The memory figure SEEDED_BLOBS_MAX is sized by.
@@ -344,10 +333,10 @@ mod tests {
         // Every other group sent: the redirect names at most FRESH_RUNS_MAX runs.
         let groups = 1000;
         for g in (0..groups).step_by(2) {
-            s.decide(id(200), groups, None, 1, g, g + 1, t0);
+            s.decide(id(200), groups, 1, g, g + 1, t0);
         }
-        s.decide(id(200), groups, None, 3, 1, 2, t0);
-        match s.decide(id(200), groups, None, 2, 0, 1, t0) {
+        s.decide(id(200), groups, 3, 1, 2, t0);
+        match s.decide(id(200), groups, 2, 0, 1, t0) {
             Decision::Elsewhere(runs) => {
                 assert_eq!(runs.len(), FRESH_RUNS_MAX);
                 assert!(runs.iter().all(|(a, b)| b - a == 1 && a % 2 == 1));
@@ -360,8 +349,8 @@ mod tests {
     fn a_size_mismatch_starts_over_instead_of_panicking() {
         let t0 = Instant::now();
         let mut s = Seeding::new();
-        s.decide(id(1), 8, None, 1, 0, 8, t0);
-        assert_eq!(s.decide(id(1), 4, None, 2, 0, 4, t0), Decision::Serve);
-        assert_eq!(s.decide(id(1), 4, None, 2, 0, 100, t0), Decision::Serve);
+        s.decide(id(1), 8, 1, 0, 8, t0);
+        assert_eq!(s.decide(id(1), 4, 2, 0, 4, t0), Decision::Serve);
+        assert_eq!(s.decide(id(1), 4, 2, 0, 100, t0), Decision::Serve);
     }
 }
