@@ -12,8 +12,12 @@
 //! The swarm learns where a peer's data endpoint is: identify carries its port, and the
 //! peer's swarm connection gives its address. A peer whose data endpoint cannot be
 //! reached (a firewall that passes only the swarm's port, say) is asked over the swarm's
-//! blob protocol instead for [`DATA_UNREACHABLE_MS`]. Inbound requests reach the node as
-//! the same [`NetEvent::BlobRequested`] the swarm emits, so serving has one path.
+//! blob protocol instead. Only the first handshake with a peer holds up requests; after
+//! it failed, the endpoint is tried again in the background, ever less often (from
+//! [`DATA_RETRY_MS_MIN`] to [`DATA_RETRY_MS_MAX`]), while requests keep going over the
+//! swarm, so a firewalled fleet is not stalled by a handshake every retry. Inbound
+//! requests reach the node as the same [`NetEvent::BlobRequested`] the swarm emits, so
+//! serving has one path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,8 +52,12 @@ pub const DATA_REQUEST_BYTES_MAX: usize = 1024;
 pub const DATA_PEERS_MAX: usize = 4096;
 /// How long a connection handshake may take before the peer counts as unreachable.
 pub const DATA_CONNECT_MS_MAX: u64 = 5_000;
-/// After a failed connection the swarm's path is used to that peer for this long.
-pub const DATA_UNREACHABLE_MS: u64 = 30_000;
+/// After a first failed connection the swarm's path is used to that peer for this long
+/// before the data endpoint is tried again; each failure after that doubles the wait.
+pub const DATA_RETRY_MS_MIN: u64 = 30_000;
+/// The longest wait between tries of an unreachable data endpoint: a firewall seldom
+/// opens by itself, and a peer that restarts is learned afresh anyway.
+pub const DATA_RETRY_MS_MAX: u64 = 15 * 60_000;
 /// How long a served peer may take to send its request once it opened the stream.
 pub const DATA_REQUEST_READ_MS_MAX: u64 = 5_000;
 /// A stream's receive window holds one whole response, so a server never stops
@@ -121,6 +129,10 @@ struct Peer {
     addr: SocketAddr,
     /// Set after a failed connection: until then the swarm's path is used.
     unreachable_until: Option<Instant>,
+    /// Failed connections in a row.
+    failures: u32,
+    /// A background try of the endpoint is under way.
+    probing: bool,
     /// The connection, made by the first request that needs it.
     connection: Slot,
 }
@@ -191,6 +203,8 @@ impl BlobNet {
             Peer {
                 addr,
                 unreachable_until: None,
+                failures: 0,
+                probing: false,
                 connection: Arc::default(),
             },
         );
@@ -216,21 +230,28 @@ impl BlobNet {
     }
 
     /// Sends `request` to `peer` over its data endpoint. None when the data plane has no
-    /// way to the peer (its endpoint is unknown, or was unreachable moments ago); the
-    /// caller then uses the swarm.
+    /// way to the peer (its endpoint is unknown, or failed to connect and has not been
+    /// reached since); the caller then uses the swarm.
     pub async fn request(
         &self,
         peer: PeerId,
         request: &BlobRequest,
     ) -> Option<Result<BlobResponse, RequestError>> {
-        let (addr, slot) = self.inner.route(&peer)?;
+        let (addr, slot) = match self.inner.route(&peer) {
+            Route::Data(addr, slot) => (addr, slot),
+            Route::Swarm => return None,
+            Route::Probe(addr, slot) => {
+                tokio::spawn(probe(self.inner.clone(), peer, addr, slot));
+                return None;
+            }
+        };
         let connection = {
             let mut held = slot.lock().await;
             match held.as_ref().filter(|c| c.close_reason().is_none()) {
                 Some(c) => c.clone(),
                 // Requests that waited for a connection that failed go to the swarm
                 // too, rather than each waiting for a handshake of its own.
-                None if self.inner.route(&peer).is_none() => return None,
+                None if !matches!(self.inner.route(&peer), Route::Data(..)) => return None,
                 None => match self.inner.connect(peer, addr).await {
                     Ok(c) => {
                         debug!(%peer, %addr, "data connection open");
@@ -239,10 +260,7 @@ impl BlobNet {
                     }
                     Err(e) => {
                         debug!(%peer, %addr, error = %e, "data endpoint unreachable; using the swarm");
-                        if let Some(known) = lock(&self.inner.peers).get_mut(&peer) {
-                            known.unreachable_until =
-                                Some(Instant::now() + Duration::from_millis(DATA_UNREACHABLE_MS));
-                        }
+                        self.inner.connected(&peer, addr, false);
                         return None;
                     }
                 },
@@ -285,18 +303,77 @@ impl BlobNet {
     }
 }
 
-impl Inner {
-    /// Where to send a request to `peer`, and its connection slot; None when its data
-    /// endpoint is unknown or was unreachable moments ago.
-    fn route(&self, peer: &PeerId) -> Option<(SocketAddr, Slot)> {
-        let mut peers = lock(&self.peers);
-        let known = peers.get_mut(peer)?;
-        match known.unreachable_until {
-            Some(until) if Instant::now() < until => return None,
-            Some(_) => known.unreachable_until = None,
-            None => {}
+/// Which way a request to a peer goes.
+enum Route {
+    /// Over its data endpoint, through this connection slot.
+    Data(SocketAddr, Slot),
+    /// Over the swarm: the endpoint is unknown, or failed and is not due to be tried.
+    Swarm,
+    /// Over the swarm, and the endpoint is due to be tried again in the background.
+    Probe(SocketAddr, Slot),
+}
+
+/// How long the swarm's path is used after `failures` failed connections in a row
+/// before the data endpoint is tried again.
+fn retry_after(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    Duration::from_millis(
+        DATA_RETRY_MS_MIN
+            .saturating_mul(1 << doublings)
+            .min(DATA_RETRY_MS_MAX),
+    )
+}
+
+/// Tries `peer`'s data endpoint again without holding up any request, and leaves the
+/// connection for the requests that follow.
+async fn probe(inner: Arc<Inner>, peer: PeerId, addr: SocketAddr, slot: Slot) {
+    let mut held = slot.lock().await;
+    let result = inner.connect(peer, addr).await;
+    let ok = result.is_ok();
+    match result {
+        Ok(c) => {
+            debug!(%peer, %addr, "data connection open after a retry");
+            *held = Some(c);
         }
-        Some((known.addr, known.connection.clone()))
+        Err(e) => debug!(%peer, %addr, error = %e, "data endpoint still unreachable"),
+    }
+    inner.connected(&peer, addr, ok);
+}
+
+impl Inner {
+    /// Which way a request to `peer` goes now; claims the background retry when one is
+    /// due, so only one runs at a time.
+    fn route(&self, peer: &PeerId) -> Route {
+        let mut peers = lock(&self.peers);
+        let Some(known) = peers.get_mut(peer) else {
+            return Route::Swarm;
+        };
+        match known.unreachable_until {
+            None => Route::Data(known.addr, known.connection.clone()),
+            Some(until) if known.probing || Instant::now() < until => Route::Swarm,
+            Some(_) => {
+                known.probing = true;
+                Route::Probe(known.addr, known.connection.clone())
+            }
+        }
+    }
+
+    /// Records how a connection to `peer`'s endpoint at `addr` went: a success opens the
+    /// data path, a failure closes it until the next retry is due.
+    fn connected(&self, peer: &PeerId, addr: SocketAddr, ok: bool) {
+        let mut peers = lock(&self.peers);
+        // The peer may have been forgotten or moved meanwhile: that is a new start.
+        let Some(known) = peers.get_mut(peer).filter(|k| k.addr == addr) else {
+            return;
+        };
+        known.probing = false;
+        if ok {
+            known.failures = 0;
+            known.unreachable_until = None;
+        } else {
+            known.failures = known.failures.saturating_add(1);
+            known.unreachable_until = Some(Instant::now() + retry_after(known.failures));
+        }
     }
 
     async fn connect(
@@ -640,6 +717,63 @@ mod tests {
         let started = Instant::now();
         assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
         assert!(started.elapsed() < Duration::from_millis(DATA_CONNECT_MS_MAX / 2));
+
+        // The endpoint comes up at that address (its firewall opened) and the retry is
+        // due: the request that finds it due goes to the swarm at once, and the retry in
+        // the background opens the data path for the requests after it.
+        let key = SecretKey::from_seed([4; 32]);
+        let (tx, events) = mpsc::channel(16);
+        let up = BlobNet::bind(
+            dead,
+            &key,
+            Duration::from_secs(6),
+            TIMEOUT,
+            tx,
+            SharedBans::default(),
+        )
+        .unwrap();
+        let _server = serve(events, a.peer);
+        let due = |net: &BlobNet| {
+            let mut peers = lock(&net.inner.peers);
+            let known = peers.get_mut(&b.peer).unwrap();
+            assert_eq!(known.failures, 1);
+            known.unreachable_until = Some(Instant::now());
+        };
+        due(&a.net);
+        let started = Instant::now();
+        assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
+        assert!(started.elapsed() < Duration::from_millis(DATA_CONNECT_MS_MAX / 2));
+        let deadline = Instant::now() + Duration::from_millis(DATA_CONNECT_MS_MAX);
+        loop {
+            let started = Instant::now();
+            let answer = a.net.request(b.peer, &groups(0, 3)).await;
+            assert!(started.elapsed() < Duration::from_millis(DATA_CONNECT_MS_MAX / 2));
+            if let Some(answer) = answer {
+                assert_eq!(answer.unwrap(), BlobResponse::Encoded(vec![7; 3]));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the retry never opened the data path"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(up);
+    }
+
+    #[test]
+    fn retries_of_an_unreachable_endpoint_grow_to_a_limit() {
+        assert_eq!(retry_after(1), Duration::from_millis(DATA_RETRY_MS_MIN));
+        assert_eq!(retry_after(2), Duration::from_millis(2 * DATA_RETRY_MS_MIN));
+        assert_eq!(retry_after(3), Duration::from_millis(4 * DATA_RETRY_MS_MIN));
+        for failures in [6, 40, u32::MAX] {
+            assert_eq!(
+                retry_after(failures),
+                Duration::from_millis(DATA_RETRY_MS_MAX)
+            );
+        }
+        let waits: Vec<Duration> = (1..64).map(retry_after).collect();
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
     }
 
     #[tokio::test]
