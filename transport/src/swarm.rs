@@ -16,7 +16,9 @@ use futures::stream::FuturesUnordered;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt, StreamExt};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{
+    connection_limits, gossipsub, identify, kad, ping, Multiaddr, PeerId, StreamProtocol,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -51,6 +53,15 @@ pub const STREAMS_PER_CONNECTION_MAX: usize = 64;
 /// at once instead of after their idle timeout; a dead link costs no more than this.
 pub const CLOSE_WAIT_MS_MAX: u64 = 500;
 /// How often kad looks for nodes again; a few small queries each time.
+/// Peers connected to this node at their initiative, at once: a node keeps a gossip mesh
+/// of a dozen peers and a kad routing table of a few dozen, so this leaves a large fleet
+/// room while a flood of dialers cannot exhaust the node's memory or sockets.
+pub const SWARM_CONNECTIONS_IN_MAX: u32 = 256;
+/// Inbound handshakes in progress at once; a handshake costs a signature check.
+pub const SWARM_PENDING_IN_MAX: u32 = 64;
+/// Connections with one peer at once: both ends dialing together make two, and a peer
+/// that restarted has its new connection beside the old one until that times out.
+pub const SWARM_CONNECTIONS_PER_PEER_MAX: u32 = 4;
 const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(15);
 
 const BLOB_PROTOCOL: &str = "/mesh/blob/1";
@@ -76,6 +87,9 @@ pub struct SwarmConfig {
     /// The UDP port of the blob data endpoint (see [`crate::blobnet`]), on the address
     /// of the first listen address; 0 picks a free one. Peers learn it through identify.
     pub blob_port: u16,
+    /// Peers that may be connected to this node at their initiative at once; further
+    /// dialers are refused until one leaves.
+    pub connections_in_max: u32,
 }
 
 impl Default for SwarmConfig {
@@ -93,6 +107,7 @@ impl Default for SwarmConfig {
             topics: Vec::new(),
             redial: RedialPolicy::default(),
             blob_port: 0,
+            connections_in_max: SWARM_CONNECTIONS_IN_MAX,
         }
     }
 }
@@ -339,6 +354,7 @@ impl SwarmHandle {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -502,7 +518,14 @@ fn build_behaviour(
         [(StreamProtocol::new(RPC_PROTOCOL), ProtocolSupport::Full)],
         rr_cfg,
     );
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established_incoming(Some(config.connections_in_max))
+            .with_max_pending_incoming(Some(SWARM_PENDING_IN_MAX))
+            .with_max_established_per_peer(Some(SWARM_CONNECTIONS_PER_PEER_MAX)),
+    );
     Ok(Behaviour {
+        limits,
         gossipsub,
         identify,
         kad,
@@ -1186,6 +1209,54 @@ mod tests {
         })
         .await
         .expect("event within 20 s")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dialers_past_the_inbound_limit_are_refused_until_one_leaves() {
+        let ka = SecretKey::from_seed([31; 32]);
+        let kb = SecretKey::from_seed([32; 32]);
+        let kc = SecretKey::from_seed([33; 32]);
+        let config = SwarmConfig {
+            connections_in_max: 1,
+            ..local_config(vec![])
+        };
+        let (ha, mut ea) = spawn(&ka, config).await.unwrap();
+        let addr_a = first_listen(&mut ea).await;
+        let (hb, mut eb) = spawn(&kb, local_config(vec![addr_a.clone()]))
+            .await
+            .unwrap();
+        wait_for(&mut eb, |e| matches!(e, NetEvent::PeerConnected { .. })).await;
+        let (hc, ec) = spawn(&kc, local_config(vec![addr_a])).await.unwrap();
+        let c = kc.public().peer_id().unwrap();
+        // The events of C are not looked at; they are drained so its queue stays open.
+        let drain = tokio::spawn(async move {
+            let mut ec = ec;
+            while ec.recv().await.is_some() {}
+        });
+        // A's one inbound place is taken: C's dials, and its redials, are refused at A
+        // (C may see its side of the connection open before A closes it).
+        let refused = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match ea.recv().await {
+                    Some(NetEvent::PeerConnected { peer, .. }) if peer == c => return,
+                    Some(_) => {}
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        })
+        .await;
+        assert!(refused.is_err(), "a dialer past the limit was let in");
+        // B leaves; C's next redial gets its place.
+        hb.close().await;
+        drop(eb);
+        wait_for(
+            &mut ea,
+            |e| matches!(e, NetEvent::PeerConnected { peer, .. } if *peer == c),
+        )
+        .await;
+        drain.abort();
+        hc.close().await;
+        ha.close().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
