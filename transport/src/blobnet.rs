@@ -251,7 +251,7 @@ impl BlobNet {
                 Some(c) => c.clone(),
                 // Requests that waited for a connection that failed go to the swarm
                 // too, rather than each waiting for a handshake of its own.
-                None if !matches!(self.inner.route(&peer), Route::Data(..)) => return None,
+                None if !self.inner.is_open(&peer) => return None,
                 None => match self.inner.connect(peer, addr).await {
                     Ok(c) => {
                         debug!(%peer, %addr, "data connection open");
@@ -356,6 +356,14 @@ impl Inner {
                 Route::Probe(known.addr, known.connection.clone())
             }
         }
+    }
+
+    /// Whether requests to `peer` may use its data endpoint now (it is known and did not
+    /// fail since it was last reached). Unlike [`Inner::route`] it claims nothing.
+    fn is_open(&self, peer: &PeerId) -> bool {
+        lock(&self.peers)
+            .get(peer)
+            .is_some_and(|k| k.unreachable_until.is_none())
     }
 
     /// Records how a connection to `peer`'s endpoint at `addr` went: a success opens the
