@@ -252,18 +252,7 @@ impl BlobNet {
                 // Requests that waited for a connection that failed go to the swarm
                 // too, rather than each waiting for a handshake of its own.
                 None if !self.inner.is_open(&peer) => return None,
-                None => match self.inner.connect(peer, addr).await {
-                    Ok(c) => {
-                        debug!(%peer, %addr, "data connection open");
-                        *held = Some(c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        debug!(%peer, %addr, error = %e, "data endpoint unreachable; using the swarm");
-                        self.inner.connected(&peer, addr, false);
-                        return None;
-                    }
-                },
+                None => self.inner.connect_into(&mut held, peer, addr).await?,
             }
         };
         let failed = |what: &str, e: &dyn std::fmt::Display| RequestError::Failed {
@@ -328,16 +317,7 @@ fn retry_after(failures: u32) -> Duration {
 /// connection for the requests that follow.
 async fn probe(inner: Arc<Inner>, peer: PeerId, addr: SocketAddr, slot: Slot) {
     let mut held = slot.lock().await;
-    let result = inner.connect(peer, addr).await;
-    let ok = result.is_ok();
-    match result {
-        Ok(c) => {
-            debug!(%peer, %addr, "data connection open after a retry");
-            *held = Some(c);
-        }
-        Err(e) => debug!(%peer, %addr, error = %e, "data endpoint still unreachable"),
-    }
-    inner.connected(&peer, addr, ok);
+    inner.connect_into(&mut held, peer, addr).await;
 }
 
 impl Inner {
@@ -381,6 +361,29 @@ impl Inner {
         } else {
             known.failures = known.failures.saturating_add(1);
             known.unreachable_until = Some(Instant::now() + retry_after(known.failures));
+        }
+    }
+
+    /// Connects to `peer`'s endpoint at `addr`, keeps the connection in `held` for the
+    /// requests that follow, and records how it went. None when it failed.
+    async fn connect_into(
+        &self,
+        held: &mut Option<quinn::Connection>,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Option<quinn::Connection> {
+        let result = self.connect(peer, addr).await;
+        self.connected(&peer, addr, result.is_ok());
+        match result {
+            Ok(c) => {
+                debug!(%peer, %addr, "data connection open");
+                *held = Some(c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                debug!(%peer, %addr, error = %e, "data endpoint unreachable; using the swarm");
+                None
+            }
         }
     }
 
@@ -607,10 +610,15 @@ mod tests {
     }
 
     fn node(seed: u8) -> Node {
+        node_at(seed, LOCALHOST.parse().unwrap())
+    }
+
+    /// Node `seed` with its data endpoint bound at `addr`.
+    fn node_at(seed: u8, addr: SocketAddr) -> Node {
         let key = SecretKey::from_seed([seed; 32]);
         let (tx, events) = mpsc::channel(16);
         let net = BlobNet::bind(
-            LOCALHOST.parse().unwrap(),
+            addr,
             &key,
             Duration::from_secs(6),
             TIMEOUT,
@@ -729,25 +737,14 @@ mod tests {
         // The endpoint comes up at that address (its firewall opened) and the retry is
         // due: the request that finds it due goes to the swarm at once, and the retry in
         // the background opens the data path for the requests after it.
-        let key = SecretKey::from_seed([4; 32]);
-        let (tx, events) = mpsc::channel(16);
-        let up = BlobNet::bind(
-            dead,
-            &key,
-            Duration::from_secs(6),
-            TIMEOUT,
-            tx,
-            SharedBans::default(),
-        )
-        .unwrap();
-        let _server = serve(events, a.peer);
-        let due = |net: &BlobNet| {
-            let mut peers = lock(&net.inner.peers);
+        let up = node_at(4, dead);
+        let _server = serve(up.events, a.peer);
+        {
+            let mut peers = lock(&a.net.inner.peers);
             let known = peers.get_mut(&b.peer).unwrap();
             assert_eq!(known.failures, 1);
             known.unreachable_until = Some(Instant::now());
-        };
-        due(&a.net);
+        }
         let started = Instant::now();
         assert!(a.net.request(b.peer, &groups(0, 1)).await.is_none());
         assert!(started.elapsed() < Duration::from_millis(DATA_CONNECT_MS_MAX / 2));
@@ -766,7 +763,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        drop(up);
+        drop(up.net);
     }
 
     #[test]

@@ -52,7 +52,6 @@ pub const STREAMS_PER_CONNECTION_MAX: usize = 64;
 /// How long a closing node waits for its connections to close, so its peers hear of it
 /// at once instead of after their idle timeout; a dead link costs no more than this.
 pub const CLOSE_WAIT_MS_MAX: u64 = 500;
-/// How often kad looks for nodes again; a few small queries each time.
 /// Peers connected to this node at their initiative, at once: a node keeps a gossip mesh
 /// of a dozen peers and a kad routing table of a few dozen, so this leaves a large fleet
 /// room while a flood of dialers cannot exhaust the node's memory or sockets.
@@ -62,6 +61,7 @@ pub const SWARM_PENDING_IN_MAX: u32 = 64;
 /// Connections with one peer at once: both ends dialing together make two, and a peer
 /// that restarted has its new connection beside the old one until that times out.
 pub const SWARM_CONNECTIONS_PER_PEER_MAX: u32 = 4;
+/// How often kad looks for nodes again; a few small queries each time.
 const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(15);
 
 const BLOB_PROTOCOL: &str = "/mesh/blob/1";
