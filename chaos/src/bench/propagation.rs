@@ -70,22 +70,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    let quinn_s = raw_quinn(&blob).await.context("raw quinn transfer")?;
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let (quinn_s, quinn_cpu_s) = raw_quinn(&blob).await.context("raw quinn transfer")?;
     println!(
-        "raw quinn bulk transfer: {quinn_s:.3} s ({:.1} MiB/s)",
-        mib_s(size, quinn_s)
+        "raw quinn bulk transfer: {quinn_s:.3} s ({:.1} MiB/s), {:.1} CPU s per GiB",
+        mib_s(size, quinn_s),
+        quinn_cpu_s / gib
     );
 
-    let single_s = {
+    let (single_s, single_cpu_s) = {
         let dir = args.dir.as_ref().map(|d| d.join("single"));
         let fleet = start_fleet(&mesh_bin, 2, args.rate_mbit, dir).await?;
-        let (times, _) = propagate(&fleet, &blob, "bench-single", timeout).await?;
+        let (times, cpu_s) = propagate(&fleet, &blob, "bench-single", timeout).await?;
         fleet.stop().await;
-        times[1]
+        (times[1], cpu_s)
     };
     println!(
-        "single transfer (2 nodes): {single_s:.3} s ({:.1} MiB/s)",
-        mib_s(size, single_s)
+        "single transfer (2 nodes): {single_s:.3} s ({:.1} MiB/s), {:.1} CPU s per GiB",
+        mib_s(size, single_s),
+        single_cpu_s / gib
     );
 
     let dir = args.dir.as_ref().map(|d| d.join("fleet"));
@@ -130,6 +133,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ("quinn_s", format!("{quinn_s:.3}")),
         ("quinn_ratio", format!("{:.3}", quinn_s / single_s)),
         ("cpu_s_per_gib", format!("{cpu_per_gib:.2}")),
+        ("single_cpu_s_per_gib", format!("{:.2}", single_cpu_s / gib)),
+        ("quinn_cpu_s_per_gib", format!("{:.2}", quinn_cpu_s / gib)),
     ];
     pairs.extend(shaped);
     println!("{}", crate::key_values(&pairs));
@@ -209,8 +214,10 @@ async fn propagate(
 }
 
 /// One bulk transfer of `blob` over a bare quinn connection (same TLS stack and key
-/// type as the mesh, no mesh protocol), as the ceiling for a single transfer.
-async fn raw_quinn(blob: &[u8]) -> anyhow::Result<f64> {
+/// type as the mesh, no mesh protocol), as the ceiling for a single transfer: its
+/// seconds, and the CPU seconds this process spent on it (both ends run here, and
+/// nothing else does meanwhile).
+async fn raw_quinn(blob: &[u8]) -> anyhow::Result<(f64, f64)> {
     let node = SecretKey::generate();
     let operator = SecretKey::generate();
     let server = AdminServer::bind("127.0.0.1:0".parse()?, &node, vec![operator.public()])?;
@@ -231,13 +238,15 @@ async fn raw_quinn(blob: &[u8]) -> anyhow::Result<f64> {
     });
     let client = AdminClient::connect(&addr, &operator, Some(node.public())).await?;
     let (mut send, _recv) = client.open_stream().await?;
+    let cpu0 = crate::fleet::proc_cpu_seconds(std::process::id()).unwrap_or(0.0);
     let t0 = Instant::now();
     send.write_all(blob).await?;
     send.finish()?;
     let (got, t1) = receiver.await??;
+    let cpu = crate::fleet::proc_cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
     if got != size {
         bail!("raw quinn: received {got} of {size} bytes");
     }
     client.close().await;
-    Ok(t1.duration_since(t0).as_secs_f64())
+    Ok((t1.duration_since(t0).as_secs_f64(), cpu))
 }
