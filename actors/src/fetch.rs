@@ -52,7 +52,10 @@ pub const CHECKPOINT_GROUPS: u64 = 512;
 /// A download with no usable source for this long gives up (and is retried later by
 /// its caller; what it holds stays for the next attempt).
 pub const STALL_MAX: Duration = Duration::from_secs(20);
-/// Peers a download queries for what they hold, per round.
+/// Peers a download queries for what they hold per `HAVE_INTERVAL`, those asked
+/// longest ago first. Every query is an exchange both ends pay for whatever it carries;
+/// asking every connected peer each interval made a 32-node fleet's have-queries
+/// outnumber its data requests two to one.
 pub const HAVE_QUERIES_MAX: usize = 16;
 /// Downloads running at once on a node, whoever started them (releases or operators);
 /// each holds a partial file, its outboard and a schedule in memory.
@@ -453,6 +456,9 @@ async fn run(
     let mut pending: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> =
         FuturesUnordered::new();
     let mut asked_have: HashMap<PeerId, Instant> = HashMap::new();
+    // Have-queries sent in the current round of `HAVE_INTERVAL`.
+    let mut round_started = Instant::now();
+    let mut queried = 0;
     let mut last_checkpoint = Instant::now();
     let mut checkpointed_have = schedule.have_count();
     let mut last_announce = Instant::now() - ANNOUNCE_INTERVAL;
@@ -486,18 +492,18 @@ async fn run(
             }
         }
         candidates.extend(connected.iter().copied());
-        let mut queried = 0;
-        for peer in candidates {
-            if queried >= HAVE_QUERIES_MAX || schedule.is_banned(&peer) || schedule.holds_all(&peer)
-            {
-                continue;
-            }
-            let due = asked_have
-                .get(&peer)
-                .is_none_or(|t| now.duration_since(*t) >= HAVE_INTERVAL);
-            if !due {
-                continue;
-            }
+        if now.duration_since(round_started) >= HAVE_INTERVAL {
+            round_started = now;
+            queried = 0;
+        }
+        let due = have_queries_due(
+            &candidates,
+            &asked_have,
+            |p| schedule.is_banned(p) || schedule.holds_all(p),
+            now,
+            HAVE_QUERIES_MAX.saturating_sub(queried),
+        );
+        for peer in due {
             asked_have.insert(peer, now);
             queried += 1;
             counts.have_queries += 1;
@@ -633,6 +639,31 @@ async fn run(
     })
 }
 
+/// The peers of `candidates` to ask now what they hold, at most `quota`: those not
+/// skipped and not asked within `HAVE_INTERVAL`, never asked first, then those asked
+/// longest ago, so a fleet larger than a round's queries is asked in turn. The order
+/// is otherwise kept, so a hint put first leads.
+fn have_queries_due(
+    candidates: &[PeerId],
+    asked: &HashMap<PeerId, Instant>,
+    skip: impl Fn(&PeerId) -> bool,
+    now: Instant,
+    quota: usize,
+) -> Vec<PeerId> {
+    let mut due: Vec<PeerId> = Vec::new();
+    for peer in candidates {
+        let fresh = asked
+            .get(peer)
+            .is_some_and(|t| now.duration_since(*t) < HAVE_INTERVAL);
+        if !fresh && !skip(peer) && !due.contains(peer) {
+            due.push(*peer);
+        }
+    }
+    due.sort_by_key(|p| asked.get(p).copied());
+    due.truncate(quota);
+    due
+}
+
 /// Starts a checkpoint of `partial` on a blocking thread. Only the snapshot is taken
 /// under the lock; the sync and the writes run without it, so receiving goes on.
 fn start_checkpoint(
@@ -748,4 +779,77 @@ async fn handle(
         },
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: u8) -> Vec<PeerId> {
+        (1..=n)
+            .map(|i| {
+                mesh_transport::SecretKey::from_seed([i; 32])
+                    .public()
+                    .peer_id()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn have_queries_take_turns_within_a_quota_per_interval() {
+        let all = peers(31);
+        let mut asked: HashMap<PeerId, Instant> = HashMap::new();
+        let t0 = Instant::now();
+        let mut counts: HashMap<PeerId, usize> = HashMap::new();
+        // Four rounds of one interval each, with the round's quota of queries.
+        for round in 0..4u32 {
+            let now = t0 + HAVE_INTERVAL * round;
+            let due = have_queries_due(&all, &asked, |_| false, now, HAVE_QUERIES_MAX);
+            assert_eq!(due.len(), HAVE_QUERIES_MAX, "round {round}");
+            for p in due {
+                assert!(
+                    asked
+                        .get(&p)
+                        .is_none_or(|t| now.duration_since(*t) >= HAVE_INTERVAL),
+                    "round {round}: a peer asked again within the interval"
+                );
+                asked.insert(p, now);
+                *counts.entry(p).or_default() += 1;
+            }
+            // Later in the same round nobody just asked is due again.
+            let later = have_queries_due(&all, &asked, |_| false, now, HAVE_QUERIES_MAX);
+            assert!(
+                later.iter().all(|p| asked.get(p) != Some(&now)),
+                "round {round}"
+            );
+            // Nobody waits more than two rounds: 31 peers at 16 a round.
+            if round >= 1 {
+                let previous = now - HAVE_INTERVAL;
+                assert!(
+                    all.iter()
+                        .all(|p| asked.get(p).is_some_and(|t| *t >= previous)),
+                    "round {round}: a peer was not asked in the last two rounds"
+                );
+            }
+        }
+        assert_eq!(counts.values().sum::<usize>(), 4 * HAVE_QUERIES_MAX);
+        assert!(counts.values().all(|&n| n >= 2), "{counts:?}");
+    }
+
+    #[test]
+    fn the_hint_leads_and_skipped_or_repeated_peers_are_not_asked() {
+        let all = peers(5);
+        let now = Instant::now();
+        let mut asked: HashMap<PeerId, Instant> = HashMap::new();
+        // The hint is put first and also appears among the connected peers.
+        let candidates = [vec![all[3]], all.clone()].concat();
+        let due = have_queries_due(&candidates, &asked, |p| *p == all[1], now, 3);
+        assert_eq!(due, vec![all[3], all[0], all[2]]);
+        // Asked long ago comes after never asked; asked just now is not due.
+        asked.insert(all[0], now - HAVE_INTERVAL * 4);
+        asked.insert(all[2], now);
+        let due = have_queries_due(&all, &asked, |_| false, now, 10);
+        assert_eq!(due, vec![all[1], all[3], all[4], all[0]]);
+    }
 }
