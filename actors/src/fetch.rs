@@ -490,6 +490,9 @@ async fn run(
             for peer in connected.iter().filter(|p| !before.contains(p)) {
                 schedule.on_reconnected(*peer, now);
             }
+            // Only peers still in view are remembered, so a long download on a fleet
+            // that churns does not collect every peer it ever asked.
+            asked_have.retain(|p, _| connected.contains(p) || hint.contains(p));
         }
         candidates.extend(connected.iter().copied());
         if now.duration_since(round_started) >= HAVE_INTERVAL {

@@ -170,10 +170,7 @@ impl BlobNet {
         let tls_error = |source| BlobNetBindError::Tls { addr, source };
         let identity = Identity::new(key).map_err(tls_error)?;
         let transport = Arc::new(transport_config(idle_timeout));
-        let tls = admin::server_tls(key, None, BLOB_ALPN).map_err(tls_error)?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_error(e.into()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport.clone());
+        let server = server_config(key, transport.clone()).map_err(tls_error)?;
         let endpoint = quinn::Endpoint::server(server, addr)
             .map_err(|source| BlobNetBindError::Socket { addr, source })?;
         let inner = Arc::new(Inner {
@@ -446,6 +443,19 @@ impl Inner {
     }
 }
 
+/// The server side of the data plane: the node's certificate, the protocol's ALPN and
+/// `transport`.
+fn server_config(
+    key: &SecretKey,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, AdminTlsError> {
+    let tls = admin::server_tls(key, None, BLOB_ALPN)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(AdminTlsError::from)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport);
+    Ok(server)
+}
+
 fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     let idle_ms = u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX);
     let mut t = quinn::TransportConfig::default();
@@ -607,9 +617,7 @@ async fn serve_stream(
             return;
         }
     };
-    let mut head = [0u8; RESPONSE_HEAD_BYTES];
-    head[0] = kind;
-    head[1..].copy_from_slice(&len.to_le_bytes());
+    let head = response_head(kind, len);
     // quinn keeps the chunks as they are and copies each only into its packets.
     let mut chunks = [
         bytes::Bytes::copy_from_slice(&head),
@@ -619,6 +627,12 @@ async fn serve_stream(
     if send.write_all_chunks(&mut chunks).await.is_ok() {
         let _ = send.finish();
     }
+}
+
+/// The head of a response whose body is `len` bytes of `kind`.
+fn response_head(kind: u8, len: u32) -> [u8; RESPONSE_HEAD_BYTES] {
+    let [a, b, c, d] = len.to_le_bytes();
+    [kind, a, b, c, d]
 }
 
 /// Why a response could not be read from a data stream.
@@ -645,17 +659,16 @@ enum ResponseError {
 async fn read_response(recv: &mut quinn::RecvStream) -> Result<BlobResponse, ResponseError> {
     let mut head = [0u8; RESPONSE_HEAD_BYTES];
     recv.read_exact(&mut head).await?;
-    let mut len_le = [0u8; 4];
-    len_le.copy_from_slice(&head[1..]);
-    let len = u32::from_le_bytes(len_le) as usize;
+    let [kind, a, b, c, d] = head;
+    let len = u32::from_le_bytes([a, b, c, d]) as usize;
     if len > BLOB_RESPONSE_BYTES_MAX {
         return Err(ResponseError::TooLarge {
             len,
             max: BLOB_RESPONSE_BYTES_MAX,
         });
     }
-    if head[0] != RESPONSE_MESSAGE && head[0] != RESPONSE_ENCODED {
-        return Err(ResponseError::Kind(head[0]));
+    if kind != RESPONSE_MESSAGE && kind != RESPONSE_ENCODED {
+        return Err(ResponseError::Kind(kind));
     }
     let mut body = Vec::with_capacity(len);
     while body.len() < len {
@@ -672,7 +685,7 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<BlobResponse, Res
     if recv.read_chunk(1, true).await?.is_some() {
         return Err(ResponseError::Trailing);
     }
-    if head[0] == RESPONSE_ENCODED {
+    if kind == RESPONSE_ENCODED {
         return Ok(BlobResponse::Encoded(body));
     }
     Ok(wire::decode::<BlobResponse>(
@@ -938,11 +951,8 @@ mod tests {
         assert_eq!(answer, BlobResponse::Encoded(vec![7; 5]));
     }
 
-    /// A response head: `kind` and a body length of `len`.
     fn head(kind: u8, len: u32) -> Vec<u8> {
-        let mut h = vec![kind];
-        h.extend_from_slice(&len.to_le_bytes());
-        h
+        response_head(kind, len).to_vec()
     }
 
     #[tokio::test]
@@ -985,10 +995,8 @@ mod tests {
             (vec![1, 0], None, "reading its head"),
         ];
         let key = SecretKey::from_seed([40; 32]);
-        let tls = admin::server_tls(&key, None, BLOB_ALPN).unwrap();
-        let mut config =
-            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
-        config.transport_config(Arc::new(transport_config(Duration::from_secs(6))));
+        let transport = Arc::new(transport_config(Duration::from_secs(6)));
+        let config = server_config(&key, transport).unwrap();
         let endpoint = quinn::Endpoint::server(config, LOCALHOST.parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let answers: Vec<Vec<u8>> = cases.iter().map(|c| c.0.clone()).collect();
