@@ -113,14 +113,20 @@ struct Active {
     peers: usize,
 }
 
-/// What one provider announced for one blob: size, runs held, and when.
-type Announced = (u64, Vec<(u64, u64)>, Instant);
+/// A provider and the runs of groups it announced.
+pub type Provider = (PeerId, Vec<(u64, u64)>);
+
+/// What one provider announced for one blob: size, runs held, when, and the
+/// announcement's number (see [`Transfers::providers_after`]).
+type Announced = (u64, Vec<(u64, u64)>, Instant, u64);
 
 #[derive(Default)]
 struct Inner {
     active: HashMap<ContentId, Active>,
-    /// id -> (peer -> (size, runs, when announced))
+    /// id -> (peer -> (size, runs, when announced, number))
     providers: HashMap<ContentId, HashMap<PeerId, Announced>>,
+    /// The number of the last announcement recorded; numbers only grow.
+    announced: u64,
 }
 
 /// Downloads in progress and who has what; shared by the downloads, the store actor
@@ -147,11 +153,13 @@ impl Transfers {
                 inner.providers.remove(&id);
             }
         }
+        let number = inner.announced + 1;
         let per = inner.providers.entry(have.id).or_default();
         if !per.contains_key(&peer) && per.len() >= PROVIDERS_PER_BLOB_MAX {
             return;
         }
-        per.insert(peer, (have.size, have.ranges, now));
+        per.insert(peer, (have.size, have.ranges, now, number));
+        inner.announced = number;
     }
 
     /// Forgets a peer that went away, so downloads stop counting on it.
@@ -162,17 +170,32 @@ impl Transfers {
     }
 
     /// Peers known to hold (part of) a blob, with their runs.
-    pub fn providers(&self, id: &ContentId) -> Vec<(PeerId, Vec<(u64, u64)>)> {
-        self.lock()
+    pub fn providers(&self, id: &ContentId) -> Vec<Provider> {
+        self.providers_after(id, 0).0
+    }
+
+    /// The announcements for a blob numbered above `after`, and the highest number
+    /// recorded so far (for any blob), to pass as `after` next time. A download asks
+    /// on every turn of its loop, and handing it only what changed keeps that turn
+    /// from re-merging every provider's runs.
+    pub fn providers_after(&self, id: &ContentId, after: u64) -> (Vec<Provider>, u64) {
+        let inner = self.lock();
+        let fresh = inner
             .providers
             .get(id)
-            .map(|m| m.iter().map(|(p, (_, r, _))| (*p, r.clone())).collect())
-            .unwrap_or_default()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, a)| a.3 > after)
+                    .map(|(p, a)| (*p, a.1.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (fresh, inner.announced)
     }
 
     /// The size a peer announced for a blob.
     pub fn announced_size(&self, id: &ContentId, peer: &PeerId) -> Option<u64> {
-        self.lock().providers.get(id)?.get(peer).map(|(s, _, _)| *s)
+        self.lock().providers.get(id)?.get(peer).map(|a| a.0)
     }
 
     /// Registers a partial blob as a download in progress without running one, so
@@ -456,6 +479,8 @@ async fn run(
     let mut pending: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> =
         FuturesUnordered::new();
     let mut asked_have: HashMap<PeerId, Instant> = HashMap::new();
+    // The last provider announcement fed to the schedule (see `providers_after`).
+    let mut providers_seen = 0u64;
     // Have-queries sent in the current round of `HAVE_INTERVAL`.
     let mut round_started = Instant::now();
     let mut queried = 0;
@@ -474,7 +499,9 @@ async fn run(
         let now = Instant::now();
         // Learn sources: announced providers right away, and ask peers (the hint first)
         // what they hold, again every HAVE_INTERVAL for those that may hold more.
-        for (peer, ranges) in ctx.transfers.providers(&id) {
+        let (fresh, latest) = ctx.transfers.providers_after(&id, providers_seen);
+        providers_seen = latest;
+        for (peer, ranges) in fresh {
             if !schedule.is_banned(&peer) {
                 let complete = ranges == [(0, groups)];
                 schedule.add_peer_ranges(peer, if complete { None } else { Some(ranges) }, now);
@@ -797,6 +824,42 @@ mod tests {
                     .unwrap()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_download_is_handed_only_announcements_it_has_not_seen() {
+        let t = Transfers::default();
+        let [a, b] = peers(2)[..] else { unreachable!() };
+        let id = ContentId::of(b"blob");
+        let other = ContentId::of(b"other blob");
+        let have = |id, ranges: Vec<(u64, u64)>| HaveAnnouncement {
+            id,
+            size: 1 << 20,
+            ranges,
+        };
+        let now = Instant::now();
+        t.on_have(a, have(id, vec![(0, 4)]), now);
+        t.on_have(b, have(id, vec![(8, 12)]), now);
+        let (mut first, seen) = t.providers_after(&id, 0);
+        first.sort();
+        let mut want = vec![(a, vec![(0, 4)]), (b, vec![(8, 12)])];
+        want.sort();
+        assert_eq!(first, want);
+        // Nothing new: nothing handed again.
+        assert_eq!(t.providers_after(&id, seen), (vec![], seen));
+        // Another blob's announcement moves the number but hands this download nothing.
+        t.on_have(a, have(other, vec![(0, 1)]), now);
+        let (fresh, seen2) = t.providers_after(&id, seen);
+        assert!(fresh.is_empty());
+        assert!(seen2 > seen);
+        // A peer announcing again is handed over with its latest runs only.
+        t.on_have(a, have(id, vec![(0, 6)]), now);
+        let (fresh, seen3) = t.providers_after(&id, seen2);
+        assert_eq!(fresh, vec![(a, vec![(0, 6)])]);
+        assert!(t.providers_after(&id, seen3).0.is_empty());
+        // A forgotten peer is not handed over; everyone else still is, from the start.
+        t.forget_peer(&a);
+        assert_eq!(t.providers(&id), vec![(b, vec![(8, 12)])]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mesh_actors::bucket::TokenBucket;
-use mesh_actors::fetch::{FetchCtx, HaveAnnouncement, Transfers, HAVE_TOPIC};
+use mesh_actors::fetch::{FetchCtx, HaveAnnouncement, Transfers, HAVE_TOPIC, LIAR_BAN};
 use mesh_actors::firmware::{
     FirmwareConfig, FirmwareFailure, FirmwareMsg, FirmwareSetup, TargetConfig,
     FIRMWARE_FAILURES_TOPIC,
@@ -499,6 +499,23 @@ async fn net_pump(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<NetEven
                 data,
                 via,
             } => on_gossip(&ctx, author, via, &topic, &data),
+            NetEvent::GossipRefused { via, topic, reason } => {
+                // Every node checks an envelope before relaying it, so whoever handed us
+                // one that does not check out forged it or relays unchecked.
+                tracing::warn!(via = %short_peer(&via), %topic, "a peer relayed a gossip message that does not check out: {reason}");
+                ctx.transfers.forget_peer(&via);
+                let swarm = ctx.swarm.clone();
+                tokio::spawn(async move {
+                    swarm
+                        .penalize(
+                            via,
+                            LIAR_BAN,
+                            format!("relayed a forged message on {topic}"),
+                        )
+                        .await;
+                });
+                Ok(())
+            }
             NetEvent::BlobRequested {
                 peer,
                 request,
@@ -533,7 +550,7 @@ async fn net_pump(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<NetEven
 
 fn on_gossip(
     ctx: &Ctx,
-    author: Option<PeerId>,
+    author: PeerId,
     via: PeerId,
     topic: &str,
     data: &[u8],
@@ -544,7 +561,7 @@ fn on_gossip(
         RELEASES_TOPIC => match SignedManifest::decode(data) {
             Ok(signed) => ctx.addrs.releases.try_send(ReleaseMsg::Offer {
                 signed,
-                from: Some(author.unwrap_or(via)),
+                from: Some(author),
             }),
             Err(e) => {
                 tracing::warn!(via = %short_peer(&via), "dropped a malformed release announcement: {e}");
@@ -552,7 +569,7 @@ fn on_gossip(
             }
         },
         REPORTS_TOPIC => {
-            let (Some(author), Ok(report)) = (author, NodeReport::decode(data)) else {
+            let Ok(report) = NodeReport::decode(data) else {
                 tracing::debug!(via = %short_peer(&via), "dropped a malformed node report");
                 return Ok(());
             };
@@ -561,9 +578,9 @@ fn on_gossip(
                 .try_send(PeersMsg::Report { author, report })
         }
         HAVE_TOPIC => {
-            match (author, HaveAnnouncement::decode(data)) {
-                (Some(author), Ok(have)) => ctx.transfers.on_have(author, have, Instant::now()),
-                _ => {
+            match HaveAnnouncement::decode(data) {
+                Ok(have) => ctx.transfers.on_have(author, have, Instant::now()),
+                Err(_) => {
                     tracing::debug!(via = %short_peer(&via), "dropped a malformed have-announcement")
                 }
             }
@@ -580,18 +597,20 @@ fn on_gossip(
             }
         },
         FAILURES_TOPIC => {
-            match (author, FailureReport::decode(data)) {
-                (Some(author), Ok(report)) => {
+            match FailureReport::decode(data) {
+                Ok(report) => {
                     tracing::warn!(node = %short_peer(&author), module = %report.name, version = report.version, "a peer reports a failed release: {}", report.reason);
                     remember_failure(ctx, short_peer(&author), report);
                 }
-                _ => tracing::debug!(via = %short_peer(&via), "dropped a malformed failure report"),
+                Err(_) => {
+                    tracing::debug!(via = %short_peer(&via), "dropped a malformed failure report")
+                }
             }
             Ok(())
         }
         FIRMWARE_FAILURES_TOPIC => {
-            match (author, FirmwareFailure::decode(data)) {
-                (Some(author), Ok(report)) => {
+            match FirmwareFailure::decode(data) {
+                Ok(report) => {
                     tracing::warn!(node = %short_peer(&author), target = %report.target, version = report.version, "a peer reports firmware that failed its trial: {}", report.reason);
                     let mut list = ctx
                         .firmware_failures
@@ -605,7 +624,7 @@ fn on_gossip(
                         report,
                     });
                 }
-                _ => {
+                Err(_) => {
                     tracing::debug!(via = %short_peer(&via), "dropped a malformed firmware failure report")
                 }
             }

@@ -169,7 +169,7 @@ impl BlobNet {
     ) -> Result<BlobNet, BlobNetBindError> {
         let tls_error = |source| BlobNetBindError::Tls { addr, source };
         let identity = Identity::new(key).map_err(tls_error)?;
-        let transport = Arc::new(transport_config(idle_timeout));
+        let transport = Arc::new(transport_config(idle_timeout.max(request_timeout)));
         let server = server_config(key, transport.clone()).map_err(tls_error)?;
         let endpoint = quinn::Endpoint::server(server, addr)
             .map_err(|source| BlobNetBindError::Socket { addr, source })?;
@@ -456,12 +456,18 @@ fn server_config(
     Ok(server)
 }
 
+/// A data connection carries no keep-alives: the swarm's connection to the same peer is
+/// what notices a dead peer (and then closes this one, see [`BlobNet::forget`]), so a
+/// data connection left idle simply closes after `idle_timeout` and the next request
+/// opens another. Kept alive, every pair of nodes exchanged packets every two seconds
+/// for nothing, which at 64 nodes was a large part of an idle fleet's CPU. Callers pass
+/// an idle timeout no shorter than the request timeout, so a request never loses its
+/// connection to idleness before it would have timed out anyway.
 fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     let idle_ms = u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX);
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(VarInt::from_u32(idle_ms).into()))
-        // Keep-alives make an idle timeout mean a dead peer, as on the swarm.
-        .keep_alive_interval(Some(Duration::from_millis(u64::from(idle_ms / 3).max(100))))
+        .keep_alive_interval(None)
         .max_concurrent_bidi_streams(VarInt::from_u32(DATA_STREAMS_MAX))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW_BYTES))

@@ -134,6 +134,12 @@ impl SecretKey {
         PublicKey(self.0.verifying_key().to_bytes())
     }
 
+    /// A second handle on the same key, for a task that signs on its own. Deliberately
+    /// not `Clone`, so copies of a secret are made only where one is needed.
+    pub(crate) fn duplicate(&self) -> SecretKey {
+        SecretKey(self.0.clone())
+    }
+
     /// Signs `domain || message`; see [`PublicKey::verify`].
     pub fn sign(&self, domain: &[u8], message: &[u8]) -> Signature {
         Signature(self.0.sign(&domain_message(domain, message)).to_bytes())

@@ -9,8 +9,10 @@ pub mod admin;
 pub mod bans;
 pub mod blobnet;
 pub mod fsutil;
+pub mod gossip;
 pub mod id;
 pub mod redial;
+pub mod rediscover;
 pub mod swarm;
 pub mod wire;
 
