@@ -112,6 +112,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         fleet_s / single_s,
         quinn_s / single_s
     );
+    // All agents share this machine, so a fleet large enough to keep every core busy is
+    // timed by the CPU, not by the links: its figures say nothing about the protocol.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_busy = cpu_s / (fleet_s.max(1e-9) * cores as f64);
+    println!(
+        "the agents kept {cpu_busy:.2} of this machine's {cores} cores busy while the blob spread{}",
+        if cpu_busy >= CPU_BOUND_BUSY_MIN {
+            " (CPU-bound: the machine, not the network, set the fleet's time)"
+        } else {
+            ""
+        }
+    );
     let mut shaped = Vec::new();
     if let Some(rate) = args.rate_mbit {
         let bound_s = size as f64 * 8.0 / (rate as f64 * 1e6);
@@ -135,11 +147,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ("cpu_s_per_gib", format!("{cpu_per_gib:.2}")),
         ("single_cpu_s_per_gib", format!("{:.2}", single_cpu_s / gib)),
         ("quinn_cpu_s_per_gib", format!("{:.2}", quinn_cpu_s / gib)),
+        ("cores", cores.to_string()),
+        ("cpu_busy", format!("{cpu_busy:.3}")),
     ];
     pairs.extend(shaped);
     println!("{}", crate::key_values(&pairs));
     Ok(())
 }
+
+/// The share of the machine's cores the agents used above which a run is reported as
+/// CPU-bound; below it, the scheduler can still run every agent when it has work.
+const CPU_BOUND_BUSY_MIN: f64 = 0.8;
 
 fn mib_s(size: u64, s: f64) -> f64 {
     size as f64 / (1024.0 * 1024.0) / s.max(1e-9)
