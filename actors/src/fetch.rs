@@ -479,7 +479,8 @@ async fn run(
     let mut pending: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> =
         FuturesUnordered::new();
     let mut asked_have: HashMap<PeerId, Instant> = HashMap::new();
-    // The last provider announcement fed to the schedule (see `providers_after`).
+    // The last provider announcement fed to the schedule (see `providers_after`); every
+    // HAVE_INTERVAL all are fed again.
     let mut providers_seen = 0u64;
     // Have-queries sent in the current round of `HAVE_INTERVAL`.
     let mut round_started = Instant::now();
@@ -525,6 +526,11 @@ async fn run(
         if now.duration_since(round_started) >= HAVE_INTERVAL {
             round_started = now;
             queried = 0;
+            // Once a round, every announcement is fed again: the schedule drops what a
+            // peer announces while it is narrowed to a redirect, and a direct answer
+            // may replace runs a newer announcement added; both would otherwise stay
+            // lost until the peer announces again.
+            providers_seen = 0;
         }
         let due = have_queries_due(
             &candidates,

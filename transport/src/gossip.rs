@@ -50,6 +50,8 @@ pub enum OpenError {
         "checking a gossip envelope: the signature of {author:?} does not match topic {topic}"
     )]
     Signature { author: PublicKey, topic: String },
+    #[error("checking a gossip envelope: not in its one canonical encoding")]
+    NotCanonical,
 }
 
 /// Wraps `data` for `topic` in an envelope signed by `key`. `seq` must differ between
@@ -69,6 +71,12 @@ pub fn seal(key: &SecretKey, topic: &str, seq: u64, data: Vec<u8>) -> Result<Vec
 /// signature.
 pub fn open(topic: &str, bytes: &[u8], bytes_max: usize) -> Result<Opened, OpenError> {
     let env: Envelope = wire::decode(bytes, bytes_max)?;
+    // bincode's decoder also takes over-long length prefixes. Ids are hashes of the
+    // bytes, so a relay that re-encoded a message that way could pass it off as a new
+    // one, many times over; only the encoding `seal` writes is taken.
+    if wire::encode(&env)? != bytes {
+        return Err(OpenError::NotCanonical);
+    }
     if !env.author.verify(
         GOSSIP_DOMAIN,
         &signed_bytes(topic, env.seq, &env.data),
@@ -175,6 +183,28 @@ mod tests {
         assert!(open("t", &sealed[..sealed.len() - 1], MAX).is_err());
         assert!(open("t", &[], MAX).is_err());
         assert!(open("t", &[0xff; 64], MAX).is_err());
+    }
+
+    #[test]
+    fn a_re_encoded_message_is_not_taken_for_a_new_one() {
+        let sealed = seal(&key(1), "t", 1, b"x".to_vec()).unwrap();
+        // The author's key is a 32-byte string: its length prefix is the byte 32 just
+        // before it. bincode's varint decoder also reads 32 as 251 followed by a u16,
+        // so this is the same envelope, signature and all, in other bytes.
+        let author = key(1).public().0;
+        let pos = sealed.windows(32).position(|w| w == author).unwrap();
+        assert_eq!(sealed[pos - 1], 32);
+        let mut widened = sealed[..pos - 1].to_vec();
+        widened.extend_from_slice(&[251, 32, 0]);
+        widened.extend_from_slice(&sealed[pos..]);
+        let decoded: Result<Envelope, _> = wire::decode(&widened, MAX);
+        assert!(decoded.is_ok(), "the decoder takes the long form");
+        assert_ne!(message_id("t", &widened), message_id("t", &sealed));
+        assert!(matches!(
+            open("t", &widened, MAX),
+            Err(OpenError::NotCanonical)
+        ));
+        assert!(open("t", &sealed, MAX).is_ok());
     }
 
     #[test]
