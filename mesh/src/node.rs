@@ -504,16 +504,16 @@ async fn net_pump(ctx: Arc<Ctx>, mut events: tokio::sync::mpsc::Receiver<NetEven
                 // one that does not check out forged it or relays unchecked.
                 tracing::warn!(via = %short_peer(&via), %topic, "a peer relayed a gossip message that does not check out: {reason}");
                 ctx.transfers.forget_peer(&via);
-                let swarm = ctx.swarm.clone();
-                tokio::spawn(async move {
-                    swarm
-                        .penalize(
-                            via,
-                            LIAR_BAN,
-                            format!("relayed a forged message on {topic}"),
-                        )
-                        .await;
-                });
+                // Awaited here, not spawned, so a flood of refusals before the ban
+                // lands costs a bounded queue rather than a task each. The driver never
+                // waits on this pump (it drops events when the queue is full).
+                ctx.swarm
+                    .penalize(
+                        via,
+                        LIAR_BAN,
+                        format!("relayed a forged message on {topic}"),
+                    )
+                    .await;
                 Ok(())
             }
             NetEvent::BlobRequested {

@@ -1289,6 +1289,22 @@ mod tests {
         }
     }
 
+    /// Publishes with `publish` until it succeeds: gossip needs the peer's subscription
+    /// to have arrived, so the first tries may find nobody to send to.
+    async fn publish_once_heard<F, Fut>(mut publish: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), PublishError>>,
+    {
+        for _ in 0..50 {
+            if publish().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("publish never found a subscribed peer");
+    }
+
     async fn first_listen(rx: &mut mpsc::Receiver<NetEvent>) -> Multiaddr {
         loop {
             if let Some(NetEvent::Listening { addr }) = rx.recv().await {
@@ -1375,15 +1391,7 @@ mod tests {
         // An envelope signed by a third key for another topic, then bytes with no
         // envelope at all, then an honest message.
         let moved = gossip::seal(&SecretKey::from_seed([3; 32]), "u", 1, b"x".to_vec()).unwrap();
-        let mut sent = false;
-        for _ in 0..50 {
-            if hb.publish_raw("t", moved.clone()).await.is_ok() {
-                sent = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(sent, "publish never found a subscribed peer");
+        publish_once_heard(|| hb.publish_raw("t", moved.clone())).await;
         hb.publish_raw("t", b"no envelope".to_vec()).await.unwrap();
         hb.publish("t", b"honest".to_vec()).await.unwrap();
         let mut refused = 0;
@@ -1423,16 +1431,7 @@ mod tests {
         wait_for(&mut eb, |e| matches!(e, NetEvent::PeerConnected { .. })).await;
         wait_for(&mut ea, |e| matches!(e, NetEvent::PeerConnected { .. })).await;
 
-        // Gossip needs the subscription to have propagated; retry briefly.
-        let mut sent = false;
-        for _ in 0..50 {
-            if hb.publish("t", b"hello".to_vec()).await.is_ok() {
-                sent = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(sent, "publish never found a subscribed peer");
+        publish_once_heard(|| hb.publish("t", b"hello".to_vec())).await;
         let ev = wait_for(&mut ea, |e| matches!(e, NetEvent::Gossip { .. })).await;
         match ev {
             NetEvent::Gossip { data, author, .. } => {
