@@ -23,6 +23,8 @@ pub mod schedule;
 pub mod seeding;
 pub mod slots;
 pub mod store;
+#[cfg(test)]
+mod swarm_model;
 pub mod trust;
 pub mod verified;
 

@@ -1,13 +1,18 @@
 //! Which chunk groups to ask which peer for, and when: the decision half of a
 //! multi-peer download (pure: time passed in, no IO).
 //!
-//! Each peer gets runs of groups it holds that nobody else is fetching, sized to about a
-//! quarter second of its measured rate, with a few requests in flight at once. Faster
-//! peers therefore get more of the blob. A request that takes far longer than its
-//! peer's rate predicts is given up and its groups go to someone else; near the end,
-//! groups still in flight at a slow peer are also asked of an idle faster one, so one
-//! slow peer cannot hold the download hostage. A peer whose data fails verification is
-//! dropped from this download.
+//! Each peer gets runs of groups it holds that nobody else is fetching, sized to about
+//! half a second of its measured rate, with a few requests in flight at once. Faster
+//! peers therefore get more of the blob. A rate starts low and at most doubles per
+//! response (a slow start), and a pipelined response is timed from the one before it.
+//! A download works with a few peers at once; when an idle peer ranks clearly above the
+//! slowest of them (an untried peer, or one idle long enough that its old rate no
+//! longer says much), the slowest is given nothing more, so downloads move off swamped
+//! peers onto idle ones. A request that takes far longer than its peer's rate predicts
+//! is given up and its groups go to someone else, but it counts against its peer until
+//! answered; near the end, groups still in flight at a slow peer are also asked of an
+//! idle faster one, so one slow peer cannot hold the download hostage. A peer whose
+//! data fails verification is dropped from this download.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -36,7 +41,12 @@ pub const REQUEST_TARGET: Duration = Duration::from_millis(500);
 /// purpose (a slow start): a popular source on a thin uplink would otherwise be asked
 /// for megabytes by every peer at once, most of it overlapping, and requests would
 /// time out in its queue; the rate grows with each measured response.
-pub const INITIAL_RATE: f64 = 256.0 * 1024.0;
+pub const INITIAL_RATE: f64 = 32.0 * 1024.0;
+/// A peer's rate grows at most this many times per response (a slow start).
+pub const RATE_GROWTH_MAX: f64 = 2.0;
+/// How fast an untried peer is taken to be when choosing whom to ask: optimistic, so a
+/// download tries peers it has not measured before settling for slow ones.
+pub const UNTRIED_RANK: f64 = 256.0 * 1024.0;
 /// A request is given up when it takes this many times its expected duration ...
 pub const TIMEOUT_FACTOR: u32 = 4;
 /// ... but never sooner than this (round trips, queues at a shaped uplink). A vanished
@@ -54,6 +64,14 @@ pub const BUSY_REST: Duration = Duration::from_millis(50);
 /// Its holdings are learnt again afterwards, and what it sent others is by then
 /// announced by them.
 pub const REDIRECT_VIEW: Duration = Duration::from_secs(1);
+/// An idle peer whose rank is this many times the slowest working peer's takes its
+/// place: the slowest is given nothing more and finishes what it has. Without this a
+/// download kept the first peers it found for good, and on a fleet the popular ones
+/// queued dozens of requests while most uplinks idled.
+pub const SWAP_RATIO: f64 = 1.5;
+/// How fast an idle peer's measured rate recovers toward the untried rate (the time
+/// constant).
+pub const RATE_RECOVERY: Duration = Duration::from_secs(2);
 /// The rarest-first search looks this far past the cursor before settling for any
 /// group the peer holds, so a poll stays cheap on large blobs.
 pub const RAREST_SCAN_MAX: u64 = 512;
@@ -83,7 +101,11 @@ pub enum Failure {
 struct PeerState {
     /// Groups the peer holds, as sorted runs; `None` means all of them.
     ranges: Option<Vec<(u64, u64)>>,
+    /// Requests sent and not answered, including those given up on (see
+    /// [`InFlight::given_up`]).
     in_flight: usize,
+    /// Of those, the ones given up on.
+    given_up: usize,
     rate: f64,
     rest_until: Instant,
     rest: Duration,
@@ -92,6 +114,14 @@ struct PeerState {
     /// Until then, `ranges` is what the peer said it would send now (it redirected a
     /// request), not all it holds; what it holds is not learnt again meanwhile.
     redirected_until: Instant,
+    /// When the peer's last response arrived: a pipelined request is served only after
+    /// the ones before it, so its time is counted from then, not from when it was sent.
+    last_response: Instant,
+    /// Given nothing more until its requests in flight are answered: a clearly faster
+    /// idle peer took its place among the peers this download works with.
+    draining: bool,
+    /// Whether `rate` was measured (a response arrived) rather than assumed.
+    measured: bool,
 }
 
 impl PeerState {
@@ -107,6 +137,28 @@ impl PeerState {
         }
     }
 
+    /// How fast the peer is taken to be when choosing peers. An idle peer's measured
+    /// rate says how it did while busy with others, maybe long ago; it recovers toward
+    /// the untried rate, so a peer that was swamped is tried again once it may not be.
+    fn rank(&self, now: Instant) -> f64 {
+        if self.working() || self.rate >= UNTRIED_RANK {
+            return self.rate;
+        }
+        if !self.measured {
+            return UNTRIED_RANK;
+        }
+        let idle = now
+            .saturating_duration_since(self.last_response)
+            .as_secs_f64();
+        let w = 1.0 - (-idle / RATE_RECOVERY.as_secs_f64()).exp();
+        self.rate + (UNTRIED_RANK - self.rate) * w
+    }
+
+    /// Whether the peer has requests in flight that this download still waits for.
+    fn working(&self) -> bool {
+        self.in_flight > self.given_up
+    }
+
     fn batch(&self) -> u64 {
         let groups = self.rate * REQUEST_TARGET.as_secs_f64() / crate::verified::GROUP_BYTES as f64;
         (groups as u64).clamp(1, GROUPS_PER_REQUEST_MAX)
@@ -119,6 +171,11 @@ struct InFlight {
     deadline: Instant,
     expected: Duration,
     sent: Instant,
+    /// Past its deadline: its groups went back to be asked of others, but it still
+    /// counts against its peer until the answer (or the transport's own timeout)
+    /// comes. The peer is still working through it, and a peer whose late requests
+    /// were forgotten was sent more and more until its queue held many seconds.
+    given_up: bool,
 }
 
 /// The schedule of one download.
@@ -144,6 +201,8 @@ pub struct Schedule {
     cursor: u64,
     peers: HashMap<PeerId, PeerState>,
     requests_sent: u64,
+    /// Orders peers of equal rank (see [`Schedule::tie`]).
+    salt: u64,
 }
 
 impl Schedule {
@@ -162,6 +221,7 @@ impl Schedule {
             avail: vec![0; groups as usize],
             first_wanted: 0,
             cursor: if groups == 0 { 0 } else { origin % groups },
+            salt: origin,
             peers: HashMap::new(),
             requests_sent: 0,
         };
@@ -270,12 +330,16 @@ impl Schedule {
         let p = self.peers.entry(peer).or_insert(PeerState {
             ranges: Some(Vec::new()),
             in_flight: 0,
+            given_up: 0,
             rate: INITIAL_RATE,
             rest_until: now,
             rest: REST_INITIAL,
             banned: false,
             delivered: 0,
             redirected_until: now,
+            last_response: now,
+            draining: false,
+            measured: false,
         });
         p.ranges = ranges.clone();
         if !p.banned {
@@ -385,10 +449,10 @@ impl Schedule {
             .collect();
         // Fastest first, so they take the earliest groups; ties by id for determinism.
         order.sort_by(|a, b| {
-            let (ra, rb) = (self.peers[a].rate, self.peers[b].rate);
+            let (ra, rb) = (self.peers[a].rank(now), self.peers[b].rank(now));
             rb.partial_cmp(&ra)
                 .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.cmp(b))
+                .then_with(|| self.tie(a).cmp(&self.tie(b)))
         });
         // Near the end every wanted group is in flight; then no peer can be given a new
         // run, and looking for one per peer would walk the blob for each.
@@ -396,7 +460,14 @@ impl Schedule {
             (self.first_wanted..self.groups).any(|g| self.is_wanted(g) && !self.in_flight_at(g));
         // Peers already working for this download; new ones join only while there are
         // fewer than PEERS_ACTIVE_MAX.
-        let mut active = self.peers.values().filter(|p| p.in_flight > 0).count();
+        let mut active = self
+            .peers
+            .values()
+            .filter(|p| p.working() && !p.draining)
+            .count();
+        if unassigned && active >= PEERS_ACTIVE_MAX {
+            active -= usize::from(self.swap_slowest(&order, now));
+        }
         let mut progressed = unassigned;
         while progressed {
             progressed = false;
@@ -406,11 +477,12 @@ impl Schedule {
                 }
                 let p = &self.peers[peer];
                 if p.in_flight >= PEER_IN_FLIGHT_MAX
-                    || (p.in_flight == 0 && active >= PEERS_ACTIVE_MAX)
+                    || p.draining
+                    || (!p.working() && active >= PEERS_ACTIVE_MAX)
                 {
                     continue;
                 }
-                let joining = p.in_flight == 0;
+                let joining = !p.working();
                 let batch = p.batch();
                 let Some(start) = self.next_free(peer) else {
                     continue;
@@ -424,6 +496,10 @@ impl Schedule {
                 {
                     end += 1;
                 }
+                if self.in_flight.contains_key(&(start, *peer)) {
+                    // A request for the same groups, given up on, is still out there.
+                    continue;
+                }
                 out.push(self.send(*peer, start, end, now));
                 self.cursor = if end >= self.groups { 0 } else { end };
                 active += usize::from(joining);
@@ -432,6 +508,46 @@ impl Schedule {
         }
         self.endgame(now, &mut out);
         out
+    }
+
+    /// A peer's place among peers of equal rank: its id hashed with this download's
+    /// salt. Every download of a fleet rates the untried peers alike; ordered by id,
+    /// they all picked the same ones first, and those peers' queues held seconds
+    /// while others idled.
+    fn tie(&self, peer: &PeerId) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&self.salt, &mut h);
+        std::hash::Hash::hash(peer, &mut h);
+        std::hash::Hasher::finish(&h)
+    }
+
+    /// With every working slot taken, stops giving the slowest working peer new runs if
+    /// an idle peer in `order` (usable now, fastest first) ranks clearly above it and
+    /// holds something to fetch. Returns whether a slot was freed.
+    fn swap_slowest(&mut self, order: &[PeerId], now: Instant) -> bool {
+        let Some((slowest, slow_rate)) = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.working() && !p.draining && !p.banned)
+            .map(|(id, p)| (*id, p.rate))
+            .min_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
+        else {
+            return false;
+        };
+        let better = order.iter().find(|id| {
+            let p = &self.peers[*id];
+            !p.working() && !p.draining && p.rank(now) > slow_rate * SWAP_RATIO
+        });
+        let Some(better) = better else {
+            return false;
+        };
+        if self.next_free(better).is_none() {
+            return false;
+        }
+        if let Some(p) = self.peers.get_mut(&slowest) {
+            p.draining = true;
+        }
+        true
     }
 
     /// Near the end nothing is left unassigned; a request running long at one peer is
@@ -445,12 +561,17 @@ impl Schedule {
         let late: Vec<(u64, u64, PeerId)> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| now.duration_since(f.sent) > f.expected * 2)
+            .filter(|(_, f)| !f.given_up && now.duration_since(f.sent) > f.expected * 2)
             .map(|((s, p), f)| (*s, f.end, *p))
             .collect();
         for (start, end, slow) in late {
             let slow_rate = self.peers.get(&slow).map(|p| p.rate).unwrap_or(0.0);
-            let duplicated = self.in_flight.keys().filter(|(s, _)| *s == start).count() > 1;
+            let duplicated = self
+                .in_flight
+                .iter()
+                .filter(|((s, _), f)| *s == start && !f.given_up)
+                .count()
+                > 1;
             if duplicated {
                 continue;
             }
@@ -460,14 +581,14 @@ impl Schedule {
                 .filter(|(id, p)| {
                     **id != slow
                         && !p.banned
-                        && p.in_flight == 0
+                        && !p.working()
                         && p.rest_until <= now
                         && p.rate > slow_rate * 2.0
                         && (start..end).all(|g| p.holds(g))
                 })
                 .map(|(id, _)| *id)
                 .min();
-            if let Some(h) = helper {
+            if let Some(h) = helper.filter(|h| !self.in_flight.contains_key(&(start, *h))) {
                 out.push(self.send(h, start, end, now));
             }
         }
@@ -489,6 +610,7 @@ impl Schedule {
                 deadline,
                 expected,
                 sent: now,
+                given_up: false,
             },
         );
         self.requests_sent += 1;
@@ -499,22 +621,46 @@ impl Schedule {
         let expired: Vec<(u64, PeerId)> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.deadline <= now)
+            .filter(|(_, f)| !f.given_up && f.deadline <= now)
             .map(|(k, _)| *k)
             .collect();
         for (start, peer) in expired {
-            self.finish(peer, start);
+            let Some(f) = self.in_flight.get_mut(&(start, peer)) else {
+                continue;
+            };
+            f.given_up = true;
+            let end = f.end;
+            self.release(start, end);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.given_up += 1;
+                if !p.working() {
+                    p.draining = false;
+                }
+            }
             self.penalize(peer, Failure::Lost, now);
+        }
+    }
+
+    /// Groups `start..end` are no longer asked of the peer a request went to.
+    fn release(&mut self, start: u64, end: u64) {
+        for g in start..end {
+            self.assigned[g as usize] = self.assigned[g as usize].saturating_sub(1);
         }
     }
 
     fn finish(&mut self, peer: PeerId, start: u64) -> Option<InFlight> {
         let f = self.in_flight.remove(&(start, peer))?;
-        for g in start..f.end {
-            self.assigned[g as usize] = self.assigned[g as usize].saturating_sub(1);
+        if !f.given_up {
+            self.release(start, f.end);
         }
         if let Some(p) = self.peers.get_mut(&peer) {
             p.in_flight = p.in_flight.saturating_sub(1);
+            if f.given_up {
+                p.given_up = p.given_up.saturating_sub(1);
+            }
+            if !p.working() {
+                p.draining = false;
+            }
         }
         Some(f)
     }
@@ -555,8 +701,9 @@ impl Schedule {
         bad: bool,
         now: Instant,
     ) {
-        // A response to a request given up on still delivers verified groups.
-        let f = self.finish(peer, start);
+        // A response to a request given up on still delivers verified groups, but says
+        // nothing new of the peer's rate (its lateness was already counted).
+        let f = self.finish(peer, start).filter(|f| !f.given_up);
         let mut fresh = 0u64;
         for &g in verified {
             if g < self.groups && !self.have[g as usize] {
@@ -577,11 +724,23 @@ impl Schedule {
             return;
         };
         if let Some(p) = self.peers.get_mut(&peer) {
-            let elapsed = now.duration_since(f.sent).as_secs_f64().max(0.001);
+            let since = f.sent.max(p.last_response);
+            let elapsed = now.duration_since(since).as_secs_f64().max(0.001);
+            p.last_response = now;
             let bytes = verified.len() as f64 * crate::verified::GROUP_BYTES as f64;
             // An exponential moving average keeps one lucky or unlucky response from
-            // swinging the split.
-            p.rate = 0.6 * p.rate + 0.4 * (bytes / elapsed);
+            // swinging the split; the first measurement replaces the assumed rate. The
+            // rate at most doubles per response: a small response fits in a shaper's
+            // burst or a queue's gap and arrives at many times the link's rate, and
+            // every fetcher believing that at once buried its peers in requests.
+            let measured = bytes / elapsed;
+            let smoothed = if p.measured {
+                0.6 * p.rate + 0.4 * measured
+            } else {
+                measured
+            };
+            p.rate = smoothed.min(p.rate * RATE_GROWTH_MAX);
+            p.measured = true;
             p.rest = REST_INITIAL;
             p.delivered += fresh;
         }
@@ -621,14 +780,40 @@ impl Schedule {
     }
 
     pub fn on_failure(&mut self, peer: PeerId, start: u64, failure: Failure, now: Instant) {
-        if self.finish(peer, start).is_some() {
+        // A request given up on was penalised when it was.
+        if self.finish(peer, start).is_some_and(|f| !f.given_up) {
             self.penalize(peer, failure, now);
         }
     }
 
     /// The earliest deadline of a request in flight, for the driver's timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.in_flight.values().map(|f| f.deadline).min()
+        self.in_flight
+            .values()
+            .filter(|f| !f.given_up)
+            .map(|f| f.deadline)
+            .min()
+    }
+
+    /// For the swarm model: requests in flight, peers working, peers resting, and
+    /// wanted groups that a known peer holds and nobody is fetching.
+    #[cfg(test)]
+    pub(crate) fn state(&self, now: Instant) -> (usize, usize, usize, u64) {
+        let resting = self
+            .peers
+            .values()
+            .filter(|p| !p.banned && p.rest_until > now)
+            .count();
+        let assignable = (self.first_wanted..self.groups)
+            .filter(|g| self.is_wanted(*g) && !self.in_flight_at(*g))
+            .filter(|g| self.peers.values().any(|p| !p.banned && p.holds(*g)))
+            .count() as u64;
+        (
+            self.in_flight.len(),
+            self.peers.values().filter(|p| p.in_flight > 0).count(),
+            resting,
+            assignable,
+        )
     }
 
     /// Whether any usable peer holds a group still wanted.
@@ -643,6 +828,8 @@ impl Schedule {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    const GROUP_BYTES_F: f64 = crate::verified::GROUP_BYTES as f64;
 
     fn peer(n: u8) -> PeerId {
         mesh_transport::SecretKey::from_seed([n; 32])
@@ -679,12 +866,22 @@ mod tests {
         s.on_response(r.peer, r.start, &[r.start], true, t0);
         assert!(s.is_banned(&peer(1)));
         assert!(s.poll(t0).is_empty(), "asked a liar again");
+        // What the liar was asked for and did not deliver comes from the honest peer.
         s.set_peer(peer(2), None, t0);
-        let again = s.poll(t0);
-        assert!(again.iter().all(|q| q.peer == peer(2)));
-        assert!(again
-            .iter()
-            .any(|q| q.start == r.start + 1 || q.start <= r.start + 1));
+        let mut from_honest = Vec::new();
+        while !s.is_complete() {
+            let again = s.poll(t0);
+            assert!(!again.is_empty(), "stuck with an honest peer left");
+            for q in again {
+                assert_eq!(q.peer, peer(2));
+                let groups: Vec<u64> = (q.start..q.end).collect();
+                from_honest.extend(groups.iter().copied());
+                s.on_response(q.peer, q.start, &groups, false, t0);
+            }
+        }
+        from_honest.sort_unstable();
+        let rest: Vec<u64> = (0..8).filter(|g| *g != r.start).collect();
+        assert_eq!(from_honest, rest);
     }
 
     #[test]
@@ -744,7 +941,9 @@ mod tests {
     #[test]
     fn an_older_announcement_adds_to_what_a_peer_said_and_hides_nothing() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(64, |_| false, 0);
+        // The first four groups are held, so whatever the peer is asked for lies past
+        // its old announcement.
+        let mut s = Schedule::new(64, |g| g < 4, 0);
         // The peer's gossiped announcement is older than its direct answer; the download
         // reads announcements on every turn of its loop.
         s.set_peer(peer(1), Some(vec![(0, 4)]), t0);
@@ -756,10 +955,10 @@ mod tests {
         assert_eq!(s.avail[20], 1);
         assert_eq!(s.avail[40], 1);
         assert_eq!(s.avail[35], 0);
-        let asked: u64 = s.poll(t0).iter().map(|r| r.end - r.start).sum();
+        let asked = s.poll(t0);
         assert!(
-            asked > 4,
-            "the peer is asked for more than its old announcement"
+            !asked.is_empty() && asked.iter().all(|r| r.start >= 4),
+            "the peer is asked for more than its old announcement: {asked:?}"
         );
         // An announcement of the whole blob is taken as it is.
         s.add_peer_ranges(peer(2), None, t0);
@@ -839,14 +1038,151 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Schedule::new(10, |g| g < 7, 0);
         s.set_peer(peer(1), None, t0);
-        let r = s.poll(t0);
+        let mut asked: Vec<u64> = s
+            .poll(t0)
+            .iter()
+            .inspect(|r| assert_eq!(r.peer, peer(1)))
+            .flat_map(|r| r.start..r.end)
+            .collect();
+        asked.sort_unstable();
+        assert_eq!(asked, vec![7, 8, 9]);
+    }
+
+    #[test]
+    fn a_slow_working_peer_gives_way_to_a_clearly_faster_idle_one() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(4096, |_| false, 0);
+        let working: Vec<PeerId> = (1..=PEERS_ACTIVE_MAX as u8).map(peer).collect();
+        for p in &working {
+            s.set_peer(*p, None, t0);
+        }
+        let first = s.poll(t0);
+        assert!(working.iter().all(|p| first.iter().any(|r| r.peer == *p)));
+        // Every working peer answered, one of them slowly.
+        let slow = working[0];
+        let t1 = t0 + Duration::from_millis(100);
+        for r in &first {
+            let groups: Vec<u64> = (r.start..r.end).collect();
+            s.on_response(r.peer, r.start, &groups, false, t1);
+        }
+        s.peers.get_mut(&slow).unwrap().rate = UNTRIED_RANK / (SWAP_RATIO * 4.0);
+        for p in &working[1..] {
+            s.peers.get_mut(p).unwrap().rate = UNTRIED_RANK * 4.0;
+        }
+        let _ = s.poll(t1);
+        // An untried peer appears; it ranks well above the slow one, which is given
+        // nothing more while it finishes what it has.
+        let newcomer = peer(100);
+        s.set_peer(newcomer, None, t1);
+        let next = s.poll(t1);
+        assert!(next.iter().any(|r| r.peer == newcomer), "{next:?}");
+        assert!(s.peers[&slow].draining);
+        let t2 = t1 + Duration::from_millis(50);
+        let pending: Vec<(u64, u64)> = s
+            .in_flight
+            .iter()
+            .filter(|((_, p), _)| *p == slow)
+            .map(|((start, _), f)| (*start, f.end))
+            .collect();
+        assert!(!pending.is_empty());
+        for r in s.poll(t2) {
+            assert_ne!(r.peer, slow, "a draining peer was given more");
+        }
+        for (start, end) in pending {
+            let groups: Vec<u64> = (start..end).collect();
+            s.on_response(slow, start, &groups, false, t2);
+        }
+        assert!(!s.peers[&slow].draining, "drained, it may be chosen again");
+    }
+
+    #[test]
+    fn a_request_given_up_on_still_counts_against_its_peer() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(64, |_| false, 0);
+        s.set_peer(peer(1), None, t0);
+        let first = s.poll(t0);
+        assert_eq!(first.len(), PEER_IN_FLIGHT_MAX);
+        // Past every deadline: the groups go back to be asked elsewhere...
+        let late = t0 + TIMEOUT_MIN * 2;
+        assert!(s.poll(late).is_empty(), "the late peer rests");
+        assert_eq!(s.next_deadline(), None, "nothing is waited for any more");
+        assert!(first
+            .iter()
+            .flat_map(|r| r.start..r.end)
+            .all(|g| !s.in_flight_at(g)));
+        s.set_peer(peer(2), None, late);
+        let elsewhere = s.poll(late);
+        assert!(!elsewhere.is_empty() && elsewhere.iter().all(|r| r.peer == peer(2)));
+        // ... but the late peer, rested, is not sent more while they are unanswered.
+        let rested = late + REST_MAX;
+        assert!(s.poll(rested).iter().all(|r| r.peer != peer(1)));
+        // One late answer frees one slot, delivers its groups and blames nobody twice.
+        let r = &first[0];
+        s.on_response(peer(1), r.start, &[r.start], false, rested);
+        assert!(s.have[r.start as usize]);
+        let again = s.poll(rested);
+        assert_eq!(again.iter().filter(|q| q.peer == peer(1)).count(), 1);
+        let rest_until = s.peers[&peer(1)].rest_until;
+        let q = &first[1];
+        s.on_failure(peer(1), q.start, Failure::Lost, rested);
+        assert_eq!(s.peers[&peer(1)].rest_until, rest_until);
+    }
+
+    #[test]
+    fn a_rate_at_most_doubles_per_response_and_pipelined_ones_are_timed_from_the_last() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(64, |_| false, 0);
+        s.set_peer(peer(1), None, t0);
+        let first = s.poll(t0);
+        assert!(first.len() >= 2);
+        // The first answer takes a second: its rate replaces the assumed one.
+        let t1 = t0 + Duration::from_secs(1);
+        let a = &first[0];
+        s.on_response(peer(1), a.start, &[a.start], false, t1);
+        assert_eq!(s.peers[&peer(1)].rate, GROUP_BYTES_F);
+        // The next was queued behind it and came 100 ms later: timed from the first
+        // answer, not from when it was sent, it is ten times as fast, and the rate
+        // doubles (it would otherwise have more than quadrupled).
+        let b = &first[1];
+        s.on_response(
+            peer(1),
+            b.start,
+            &[b.start],
+            false,
+            t1 + Duration::from_millis(100),
+        );
+        assert_eq!(s.peers[&peer(1)].rate, GROUP_BYTES_F * RATE_GROWTH_MAX);
+        // A burst, a group at once, still only doubles it.
+        let c = &first[2];
+        s.on_response(
+            peer(1),
+            c.start,
+            &[c.start],
+            false,
+            t1 + Duration::from_millis(101),
+        );
         assert_eq!(
-            r,
-            vec![Request {
-                peer: peer(1),
-                start: 7,
-                end: 10
-            }]
+            s.peers[&peer(1)].rate,
+            GROUP_BYTES_F * RATE_GROWTH_MAX * 2.0
+        );
+    }
+
+    #[test]
+    fn downloads_order_equally_ranked_peers_differently() {
+        let t0 = Instant::now();
+        let peers: Vec<PeerId> = (1..=16).map(peer).collect();
+        let firsts: std::collections::HashSet<PeerId> = (0..8u64)
+            .map(|origin| {
+                let mut s = Schedule::new(4096, |_| false, origin * 7919);
+                for p in &peers {
+                    s.set_peer(*p, None, t0);
+                }
+                s.poll(t0)[0].peer
+            })
+            .collect();
+        assert!(
+            firsts.len() > 2,
+            "every download picked the same peers first"
         );
     }
 
