@@ -458,7 +458,7 @@ impl Schedule {
             .filter(|(_, p)| !p.banned && p.rest_until <= now && p.in_flight < PEER_IN_FLIGHT_MAX)
             .map(|(id, _)| *id)
             .collect();
-        // Fastest first, so they take the earliest groups; ties by id for determinism.
+        // Fastest first, so they take the earliest groups; ties by `tie`.
         order.sort_by(|a, b| {
             let (ra, rb) = (self.peers[a].rank(now), self.peers[b].rank(now));
             rb.partial_cmp(&ra)
@@ -509,10 +509,6 @@ impl Schedule {
                 {
                     end += 1;
                 }
-                if self.in_flight.contains_key(&(start, *peer)) {
-                    // A request for the same groups, given up on, is still out there.
-                    continue;
-                }
                 out.push(self.send(*peer, start, end, now));
                 live += 1;
                 self.cursor = if end >= self.groups { 0 } else { end };
@@ -546,7 +542,12 @@ impl Schedule {
             .iter()
             .filter(|(_, p)| p.working() && p.measured && !p.draining && !p.banned)
             .map(|(id, p)| (*id, p.rank(now)))
-            .min_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
+            // Equal ranks by `tie`, not by the map's order, so a seed replays.
+            .min_by(|a, b| {
+                a.1.partial_cmp(&b.1)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then_with(|| self.tie(&a.0).cmp(&self.tie(&b.0)))
+            })
         else {
             return false;
         };

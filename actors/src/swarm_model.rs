@@ -9,8 +9,7 @@
 //! policy itself takes a fleet of N to spread a blob when CPU is not the limit, in
 //! blob-times (the physical bound), and how that grows with N.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use mesh_transport::libp2p::PeerId;
@@ -20,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use crate::fetch::{ANNOUNCE_INTERVAL, HAVE_INTERVAL, HAVE_QUERIES_MAX};
 use crate::schedule::{Failure, Schedule};
 use crate::seeding::{Decision, Seeding};
-use crate::verified::GROUP_BYTES;
+use crate::verified::{runs, GROUP_BYTES};
 
 /// The model's parameters.
 #[derive(Clone, Debug)]
@@ -142,21 +141,6 @@ fn peer_id(i: usize) -> PeerId {
         .expect("an ed25519 key is a peer id")
 }
 
-fn runs_of(have: &[bool]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (g, h) in have.iter().enumerate() {
-        if !*h {
-            continue;
-        }
-        let g = g as u64;
-        match out.last_mut() {
-            Some(last) if last.1 == g => last.1 = g + 1,
-            _ => out.push((g, g + 1)),
-        }
-    }
-    out
-}
-
 /// Runs the model until every node holds the blob (or a generous virtual limit).
 pub fn run(f: &Fleet) -> Outcome {
     assert!(f.nodes >= 2 && f.groups > 0 && f.uplink > 0.0);
@@ -180,27 +164,25 @@ pub fn run(f: &Fleet) -> Outcome {
             tokens: 0.0,
         })
         .collect();
-    let mut events: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-    let mut payloads: HashMap<u64, Event> = HashMap::new();
+    // Events by time, then by the order they were made in.
+    let mut events: BTreeMap<(Instant, u64), Event> = BTreeMap::new();
     let mut seq = 0u64;
-    let mut push = |events: &mut BinaryHeap<Reverse<(Instant, u64)>>,
-                    payloads: &mut HashMap<u64, Event>,
-                    at: Instant,
-                    e: Event| {
+    let mut push = |events: &mut BTreeMap<(Instant, u64), Event>, at: Instant, e: Event| {
         seq += 1;
-        events.push(Reverse((at, seq)));
-        payloads.insert(seq, e);
+        events.insert((at, seq), e);
     };
     // The release announcement reaches every node within a gossip round or two.
     for i in 1..f.nodes {
         let at = t0 + f.latency * rng.gen_range(1..4u32);
-        push(&mut events, &mut payloads, at, Event::Start(i));
+        push(&mut events, at, Event::Start(i));
     }
     let (mut requests, mut redirects, mut unavailable) = (0u64, 0u64, 0u64);
     let mut requested_groups = 0u64;
     let mut sent_bytes = 0f64;
-    let mut utilization: Vec<f64> = Vec::new();
-    let mut complete_at: Vec<usize> = Vec::new();
+    // Per-second series, cut to the run's length at the end.
+    let seconds = limit.duration_since(t0).as_secs() as usize + 2;
+    let mut utilization: Vec<f64> = vec![0.0; seconds];
+    let mut complete_at: Vec<usize> = vec![0; seconds];
     let mut now = t0;
     // SWARM_TRACE=1 prints each node's state every virtual second (exploration).
     let trace = std::env::var("SWARM_TRACE").is_ok();
@@ -244,10 +226,6 @@ pub fn run(f: &Fleet) -> Outcome {
                 spent += share;
                 sent_bytes += share;
                 let sec = now.duration_since(t0).as_secs() as usize;
-                if utilization.len() <= sec {
-                    utilization.resize(sec + 1, 0.0);
-                    complete_at.resize(sec + 1, 0);
-                }
                 utilization[sec] += share / (f.uplink * f.nodes as f64);
             }
             nodes[i].tokens -= spent;
@@ -262,14 +240,12 @@ pub fn run(f: &Fleet) -> Outcome {
                     start: t.start,
                     answer: Answer::Data(t.end),
                 };
-                push(&mut events, &mut payloads, at, e);
+                push(&mut events, at, e);
             }
         }
         let mut woken: Vec<usize> = Vec::new();
-        while events.peek().is_some_and(|Reverse((t, _))| *t <= now) {
-            let Reverse((_, key)) = events.pop().expect("peeked");
-            let event = payloads.remove(&key).expect("every event has a payload");
-            match event {
+        while let Some(due) = events.first_entry().filter(|e| e.key().0 <= now) {
+            match due.remove() {
                 Event::Start(i) => {
                     let origin = rng.gen();
                     let mut schedule = Schedule::new(f.groups, |_| false, origin);
@@ -324,7 +300,7 @@ pub fn run(f: &Fleet) -> Outcome {
                                 start,
                                 answer: a,
                             };
-                            push(&mut events, &mut payloads, at, e);
+                            push(&mut events, at, e);
                         }
                     }
                 }
@@ -333,7 +309,7 @@ pub fn run(f: &Fleet) -> Outcome {
                     let ranges = if node.done_at.is_some() {
                         None
                     } else {
-                        Some(runs_of(&node.have))
+                        Some(runs(f.groups, |g| node.have[g as usize]))
                     };
                     let at = now + delay(&nodes, to);
                     let e = Event::Have {
@@ -341,7 +317,7 @@ pub fn run(f: &Fleet) -> Outcome {
                         from: to,
                         ranges,
                     };
-                    push(&mut events, &mut payloads, at, e);
+                    push(&mut events, at, e);
                 }
                 Event::Groups {
                     at,
@@ -422,12 +398,7 @@ pub fn run(f: &Fleet) -> Outcome {
         for i in woken {
             let groups = f.groups;
             let mut out: Vec<(Instant, Event)> = Vec::new();
-            let busy = !nodes[i].sending.is_empty();
-            let wait = if busy {
-                f.latency + f.queue_delay
-            } else {
-                f.latency
-            };
+            let wait = delay(&nodes, i);
             let Some(d) = nodes[i].download.as_mut() else {
                 continue;
             };
@@ -484,17 +455,12 @@ pub fn run(f: &Fleet) -> Outcome {
                 d.announced_have = have_count;
             }
             if complete {
-                let sec = now.duration_since(t0).as_secs() as usize;
-                if complete_at.len() <= sec {
-                    complete_at.resize(sec + 1, 0);
-                    utilization.resize(sec + 1, 0.0);
-                }
-                complete_at[sec] += 1;
+                complete_at[now.duration_since(t0).as_secs() as usize] += 1;
                 nodes[i].download = None;
                 nodes[i].done_at = Some(now);
             }
             if announce {
-                let runs = runs_of(&nodes[i].have);
+                let runs = runs(f.groups, |g| nodes[i].have[g as usize]);
                 for p in (0..f.nodes).filter(|p| *p != i) {
                     // Gossip reaches the fleet within a couple of hops.
                     let at = now + wait + f.latency;
@@ -507,10 +473,13 @@ pub fn run(f: &Fleet) -> Outcome {
                 }
             }
             for (at, e) in out {
-                push(&mut events, &mut payloads, at, e);
+                push(&mut events, at, e);
             }
         }
     }
+    let ran = now.duration_since(t0).as_secs() as usize + 1;
+    utilization.truncate(ran);
+    complete_at.truncate(ran);
     let needed = ((f.nodes - 1) as u64 * f.groups * GROUP_BYTES) as f64;
     Outcome {
         done: nodes[1..]
