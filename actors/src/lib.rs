@@ -4,6 +4,7 @@
 //! and inputs and return what to do; the actors are thin shells that feed them messages
 //! and carry out the result. See `docs/architecture.md` and `docs/runtime-semantics.md`.
 
+pub mod backlog;
 pub mod bucket;
 pub mod delta;
 pub mod fetch;

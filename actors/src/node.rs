@@ -13,6 +13,7 @@ use mesh_transport::libp2p::PeerId;
 use mesh_transport::swarm::{BlobRequest, BlobResponse, Responder, SwarmHandle};
 use mesh_transport::ContentId;
 
+use crate::backlog::Backlog;
 use crate::bucket::TokenBucket;
 use crate::fetch::{FetchCtx, Transfers};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -93,6 +94,12 @@ pub const SERVES_CONCURRENT_MAX: usize = 8;
 /// Blob requests served at once to one peer, so one greedy peer cannot take them all;
 /// twice what a well-behaved downloader keeps in flight, for slack.
 pub const SERVES_PER_PEER_MAX: usize = 2 * crate::schedule::PEER_IN_FLIGHT_MAX;
+/// The longest a served response counts as queued on the uplink while its
+/// acknowledgement is awaited. Downloaders size requests to half a second of the peer's
+/// rate and a server queues at most `backlog::BACKLOG_MAX` (a second), so a response
+/// not acknowledged after four is held up by a peer that stopped reading or vanished,
+/// not by the uplink, and must not keep the node answering busy.
+pub const DELIVERY_WAIT_MS_MAX: u64 = 4_000;
 
 /// Messages to the store actor.
 pub enum StoreMsg {
@@ -133,6 +140,9 @@ pub struct StoreState {
     per_peer: HashMap<PeerId, usize>,
     /// What this node sent lately, per blob, shared with the serve tasks.
     seeding: Arc<Mutex<Seeding>>,
+    /// Responses queued on this node's uplink and its measured rate, shared with the
+    /// serve tasks that queue them and hear of their delivery.
+    backlog: Arc<Mutex<Backlog>>,
     /// The scrub's place in its walk over the store, and its byte allowance.
     scrub: ScrubState,
     /// Damaged blobs to fetch again: (id, size, attempts so far, not before).
@@ -142,6 +152,12 @@ pub struct StoreState {
     /// mailbox, or a task that panicked, cannot leave them stuck.
     repairing: Arc<AtomicUsize>,
     scrubbing: Arc<AtomicUsize>,
+}
+
+/// The backlog, even if a task panicked while holding the lock: its methods change
+/// nothing before their only assertion, so what the lock guards stays consistent.
+fn lock_backlog(b: &Mutex<Backlog>) -> std::sync::MutexGuard<'_, Backlog> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Holds one unit of a running count for as long as a background task lives.
@@ -221,6 +237,7 @@ impl Actor for StoreActor {
             serving: Arc::new(tokio::sync::Semaphore::new(SERVES_CONCURRENT_MAX)),
             per_peer: HashMap::new(),
             seeding: Arc::new(Mutex::new(Seeding::new())),
+            backlog: Arc::new(Mutex::new(Backlog::new(Instant::now()))),
             scrub: ScrubState::default(),
             repairs: Vec::new(),
             repairing: Arc::new(AtomicUsize::new(0)),
@@ -275,17 +292,22 @@ impl Actor for StoreActor {
                 reply,
             } => {
                 let busy = state.per_peer.get(&peer).copied().unwrap_or(0) >= SERVES_PER_PEER_MAX;
+                // Ranges wait for the uplink once served; what a peer holds is answered
+                // whatever is queued, as it is small and tells the peer where else to go.
+                let queue_full = matches!(request, BlobRequest::Groups { .. })
+                    && !lock_backlog(&state.backlog).admits(Instant::now());
                 let Ok(permit) = state.serving.clone().try_acquire_owned() else {
                     reply.send(BlobResponse::Busy);
                     return Ok(());
                 };
-                if busy {
+                if busy || queue_full {
                     reply.send(BlobResponse::Busy);
                     return Ok(());
                 }
                 *state.per_peer.entry(peer).or_insert(0) += 1;
                 let args = state.args.clone();
                 let seeding = state.seeding.clone();
+                let backlog = state.backlog.clone();
                 tokio::spawn(async move {
                     let (a, r) = (args.clone(), request.clone());
                     let response = tokio::task::spawn_blocking(move || {
@@ -298,6 +320,13 @@ impl Actor for StoreActor {
                     })
                     .await
                     .unwrap_or_else(|e| BlobResponse::Invalid(e.to_string()));
+                    let queued = match &response {
+                        BlobResponse::Encoded(bytes) => bytes.len() as u64,
+                        _ => 0,
+                    };
+                    if queued > 0 {
+                        lock_backlog(&backlog).on_queued(queued, Instant::now());
+                    }
                     if let (Some(limit), BlobResponse::Encoded(bytes)) =
                         (&args.upload_limit, &response)
                     {
@@ -312,7 +341,16 @@ impl Actor for StoreActor {
                     // still counted. A full mailbox only delays freeing it.
                     let _ = args.myself.try_send(StoreMsg::Served { peer });
                     drop(permit);
-                    reply.send(response);
+                    if queued == 0 {
+                        reply.send(response);
+                        return;
+                    }
+                    // The bytes stay counted until the peer acknowledged them (or the
+                    // transport gave up on them), which is when the uplink carried them.
+                    let fate = reply.send_tracked(response);
+                    let wait = Duration::from_millis(DELIVERY_WAIT_MS_MAX);
+                    let delivered = matches!(tokio::time::timeout(wait, fate).await, Ok(Ok(true)));
+                    lock_backlog(&backlog).on_done(queued, delivered, Instant::now());
                 });
             }
         }

@@ -61,7 +61,9 @@ pub const TIMEOUT_MIN: Duration = Duration::from_secs(8);
 pub const REST_INITIAL: Duration = Duration::from_millis(200);
 pub const REST_MAX: Duration = Duration::from_secs(10);
 /// A busy peer is asked again after this long; busy is the normal state of a popular
-/// source, so it does not grow.
+/// source (a server answers busy once a second of its uplink is queued), so it
+/// does not grow. In the fleet model, doubling it per busy answer up to 400 ms slowed
+/// 32 nodes on 20 Mbit/s from 1.4 to 1.5 blob-times and saved no busy answers.
 pub const BUSY_REST: Duration = Duration::from_millis(50);
 /// How long a peer that redirected a request is asked only for the runs it named.
 /// Its holdings are learnt again afterwards, and what it sent others is by then

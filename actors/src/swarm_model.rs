@@ -1,7 +1,8 @@
 //! A virtual-time model of a whole fleet fetching one blob, built from the real
 //! decision structs: every node runs a [`Schedule`] the way [`crate::fetch`] drives
-//! it, and every node holding the whole blob answers with [`Seeding`] the way the store
-//! actor does. What is modelled instead of run: uplinks (each node's is shared among
+//! it, every node holding the whole blob answers with [`Seeding`] the way the store
+//! actor does, and every node answers busy when its [`Backlog`] says its uplink has
+//! enough queued. What is modelled instead of run: uplinks (each node's is shared among
 //! the peers it sends to, and a stream's response arrives whole), latency, and the
 //! queue a busy uplink puts in front of everything else a node sends.
 //!
@@ -16,6 +17,7 @@ use mesh_transport::libp2p::PeerId;
 use mesh_transport::ContentId;
 use rand::{Rng, SeedableRng};
 
+use crate::backlog::Backlog;
 use crate::fetch::{ANNOUNCE_INTERVAL, HAVE_INTERVAL, HAVE_QUERIES_MAX};
 use crate::schedule::{Failure, Schedule};
 use crate::seeding::{Decision, Seeding};
@@ -50,6 +52,7 @@ pub struct Outcome {
     pub requests: u64,
     pub redirects: u64,
     pub unavailable: u64,
+    pub busy: u64,
     /// Groups asked for, over all requests.
     pub requested_groups: u64,
     /// Per second: the share of all uplinks' capacity in use.
@@ -98,6 +101,7 @@ enum Answer {
     Data(u64),
     Elsewhere(Vec<(u64, u64)>),
     Unavailable,
+    Busy,
 }
 
 struct Tx {
@@ -128,6 +132,8 @@ struct Node {
     done_at: Option<Instant>,
     seeding: Seeding,
     sending: Vec<Tx>,
+    /// What the node has queued on its uplink, as the real server measures it.
+    backlog: Backlog,
     /// The uplink's bucket, bytes.
     tokens: f64,
 }
@@ -161,6 +167,7 @@ pub fn run(f: &Fleet) -> Outcome {
             done_at: (i == 0).then_some(t0),
             seeding: Seeding::new(),
             sending: Vec::new(),
+            backlog: Backlog::new(t0),
             tokens: 0.0,
         })
         .collect();
@@ -186,6 +193,7 @@ pub fn run(f: &Fleet) -> Outcome {
     let mut now = t0;
     // SWARM_TRACE=1 prints each node's state every virtual second (exploration).
     let trace = std::env::var("SWARM_TRACE").is_ok();
+    let mut busy = 0u64;
     // What a message from `from` waits before it leaves: its uplink's queue if busy.
     let delay = |nodes: &Vec<Node>, from: usize| {
         if nodes[from].sending.is_empty() {
@@ -233,6 +241,10 @@ pub fn run(f: &Fleet) -> Outcome {
                 nodes[i].sending.drain(..).partition(|t| t.left <= 1e-6);
             nodes[i].sending = left;
             for t in done {
+                // The server hears of the delivery when the peer's acknowledgement
+                // arrives; the model counts it when the last byte leaves.
+                let bytes = (t.end - t.start) * GROUP_BYTES;
+                nodes[i].backlog.on_done(bytes, true, now);
                 let at = now + f.latency;
                 let e = Event::Groups {
                     at: t.to,
@@ -272,7 +284,9 @@ pub fn run(f: &Fleet) -> Outcome {
                     end,
                 } => {
                     let node = &mut nodes[to];
-                    let answer = if node.done_at.is_some() {
+                    let answer = if !node.backlog.admits(now) {
+                        Some(Answer::Busy)
+                    } else if node.done_at.is_some() {
                         match node
                             .seeding
                             .decide(blob, f.groups, from as u64, start, end, now)
@@ -286,12 +300,16 @@ pub fn run(f: &Fleet) -> Outcome {
                         Some(Answer::Unavailable)
                     };
                     match answer {
-                        None => node.sending.push(Tx {
-                            to: from,
-                            start,
-                            end,
-                            left: ((end - start) * GROUP_BYTES) as f64,
-                        }),
+                        None => {
+                            let bytes = (end - start) * GROUP_BYTES;
+                            node.backlog.on_queued(bytes, now);
+                            node.sending.push(Tx {
+                                to: from,
+                                start,
+                                end,
+                                left: bytes as f64,
+                            });
+                        }
                         Some(a) => {
                             let at = now + delay(&nodes, to);
                             let e = Event::Groups {
@@ -349,6 +367,10 @@ pub fn run(f: &Fleet) -> Outcome {
                             unavailable += 1;
                             d.schedule
                                 .on_failure(ids[from], start, Failure::Unavailable, now);
+                        }
+                        Answer::Busy => {
+                            busy += 1;
+                            d.schedule.on_failure(ids[from], start, Failure::Busy, now);
                         }
                     }
                     woken.push(at);
@@ -494,6 +516,7 @@ pub fn run(f: &Fleet) -> Outcome {
         requests,
         redirects,
         unavailable,
+        busy,
         requested_groups,
         utilization,
         complete: complete_at,
@@ -504,17 +527,12 @@ pub fn run(f: &Fleet) -> Outcome {
 mod tests {
     use super::*;
 
-    fn fleet(nodes: usize, seed: u64) -> Fleet {
+    /// 16 MiB over uplinks of `mbit` Mbit/s, as the shaped benchmark runs it.
+    fn fleet(nodes: usize, seed: u64, mbit: f64) -> Fleet {
         Fleet {
             nodes,
-            // 16 MiB on 5 Mbit/s uplinks: the shaped benchmark's thin case.
             groups: 1024,
-            uplink: std::env::var("SWARM_MBIT")
-                .ok()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(5.0)
-                * 1e6
-                / 8.0,
+            uplink: mbit * 1e6 / 8.0,
             burst: 16384.0,
             latency: Duration::from_millis(2),
             queue_delay: Duration::from_millis(100),
@@ -531,44 +549,69 @@ mod tests {
         seed
     }
 
+    /// The uplink rate `explore` models, `SWARM_MBIT` or 5 Mbit/s.
+    fn mbit() -> f64 {
+        std::env::var("SWARM_MBIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5.0)
+    }
+
     /// The policy, on uplinks that are the only limit, keeps a fleet near the physical
-    /// bound: within 1.5 blob-times at 16 nodes, and growing slower than log N when
-    /// the fleet doubles. Every node ends with the blob and the uplinks carry little
-    /// more than one copy per node.
+    /// bound: on 5 Mbit/s uplinks within 1.5 blob-times at 16 nodes, growing slower than
+    /// log N when the fleet doubles; on 20 Mbit/s ones within looser bounds. Every node
+    /// ends with the blob and the uplinks carry little more than one copy per node.
     #[test]
     fn a_fleet_spreads_a_blob_near_the_bound_and_grows_slower_than_log_n() {
         let seed = seed();
-        let small = run(&fleet(16, seed));
-        let large = run(&fleet(32, seed));
-        for (o, n) in [(&small, 16), (&large, 32)] {
-            println!(
-                "seed {seed}: {n} nodes: fleet {:.2} blob-times, uplinks sent {:.3} copies",
-                o.fleet(),
-                o.sent_ratio
-            );
-            assert!(
-                o.done.iter().all(|d| d.is_finite()),
-                "seed {seed}: {n} nodes never finished"
-            );
-            assert!(
-                o.sent_ratio < 1.25,
-                "seed {seed}: {n} nodes: {:.3} copies",
-                o.sent_ratio
-            );
+        // The shaped benchmark's thin and thick uplinks: on the thick one, round trips
+        // and queues weigh more against a blob-time of under seven seconds.
+        for mbit in [5.0, 20.0] {
+            let small = run(&fleet(16, seed, mbit));
+            let large = run(&fleet(32, seed, mbit));
+            for (o, n) in [(&small, 16), (&large, 32)] {
+                println!(
+                    "seed {seed}: {mbit} Mbit/s, {n} nodes: fleet {:.2} blob-times, uplinks sent {:.3} copies",
+                    o.fleet(),
+                    o.sent_ratio
+                );
+                assert!(
+                    o.done.iter().all(|d| d.is_finite()),
+                    "seed {seed}: {mbit} Mbit/s: {n} nodes never finished"
+                );
+                assert!(
+                    o.sent_ratio < 1.25,
+                    "seed {seed}: {mbit} Mbit/s: {n} nodes: {:.3} copies",
+                    o.sent_ratio
+                );
+            }
+            if mbit < 10.0 {
+                assert!(
+                    small.fleet() <= 1.5,
+                    "seed {seed}: {mbit} Mbit/s: 16 nodes took {:.2}",
+                    small.fleet()
+                );
+                // log2(32) / log2(16)
+                let log_growth = 5.0 / 4.0;
+                assert!(
+                    large.fleet() <= small.fleet() * log_growth,
+                    "seed {seed}: {mbit} Mbit/s: 16 nodes {:.2}, 32 nodes {:.2}",
+                    small.fleet(),
+                    large.fleet()
+                );
+            } else {
+                // Over 24 seeds the thick uplinks gave 1.29 to 1.48 at 16 nodes and 1.42
+                // to 1.72 at 32, too close to the goals above to assert them without
+                // failing a seed in twenty; these bounds leave that margin, and a server
+                // that queued without limit broke them (up to 2.0 at 32 nodes).
+                assert!(
+                    small.fleet() <= 1.6 && large.fleet() <= 1.85,
+                    "seed {seed}: {mbit} Mbit/s: 16 nodes {:.2}, 32 nodes {:.2}",
+                    small.fleet(),
+                    large.fleet()
+                );
+            }
         }
-        assert!(
-            small.fleet() <= 1.5,
-            "seed {seed}: 16 nodes took {:.2}",
-            small.fleet()
-        );
-        // log2(32) / log2(16)
-        let log_growth = 5.0 / 4.0;
-        assert!(
-            large.fleet() <= small.fleet() * log_growth,
-            "seed {seed}: 16 nodes {:.2}, 32 nodes {:.2}",
-            small.fleet(),
-            large.fleet()
-        );
     }
 
     #[test]
@@ -579,11 +622,11 @@ mod tests {
             .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
             .unwrap_or(vec![8, 16, 32, 64]);
         for n in sizes {
-            let o = run(&fleet(n, seed));
+            let o = run(&fleet(n, seed, mbit()));
             let mut d = o.done.clone();
             d.sort_by(|a, b| a.partial_cmp(b).unwrap());
             println!(
-                "nodes={n} fleet={:.2} first={:.2} median={:.2} sent_ratio={:.3} requests={} redirects={} unavailable={} groups_per_request={:.2}",
+                "nodes={n} fleet={:.2} first={:.2} median={:.2} sent_ratio={:.3} requests={} redirects={} unavailable={} busy={} groups_per_request={:.2}",
                 o.fleet(),
                 d[0],
                 d[d.len() / 2],
@@ -591,6 +634,7 @@ mod tests {
                 o.requests,
                 o.redirects,
                 o.unavailable,
+                o.busy,
                 o.requested_groups as f64 / o.requests as f64
             );
             let u: Vec<String> = o

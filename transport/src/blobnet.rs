@@ -40,7 +40,7 @@ use tracing::{debug, warn};
 use crate::admin::{self, AdminTlsError, Identity};
 use crate::bans::{self, SharedBans};
 use crate::swarm::{
-    BlobRequest, BlobResponse, NetEvent, RequestError, Responder, BLOB_RESPONSE_BYTES_MAX,
+    BlobRequest, BlobResponse, NetEvent, Reply, RequestError, Responder, BLOB_RESPONSE_BYTES_MAX,
     INBOUND_PENDING_MAX, RESPONDER_MS_MAX,
 };
 use crate::{wire, PublicKey, SecretKey};
@@ -423,9 +423,14 @@ impl Inner {
 
     /// Hands one request to the node and waits for its answer; `Busy` when the node has
     /// too many waiting, its queue is full, or it does not answer in time.
-    async fn answer(&self, peer: PeerId, request: BlobRequest) -> BlobResponse {
+    /// The node's answer to `request`, and who waits to learn whether it was delivered.
+    async fn answer(&self, peer: PeerId, request: BlobRequest) -> Reply<BlobResponse> {
+        let busy = Reply {
+            value: BlobResponse::Busy,
+            delivered: None,
+        };
         let Ok(_permit) = self.inbound.try_acquire() else {
-            return BlobResponse::Busy;
+            return busy;
         };
         let (tx, rx) = oneshot::channel();
         let event = NetEvent::BlobRequested {
@@ -434,11 +439,11 @@ impl Inner {
             reply: Responder(tx),
         };
         if self.events.try_send(event).is_err() {
-            return BlobResponse::Busy;
+            return busy;
         }
         match tokio::time::timeout(Duration::from_millis(RESPONDER_MS_MAX), rx).await {
-            Ok(Ok(response)) => response,
-            _ => BlobResponse::Busy,
+            Ok(Ok(reply)) => reply,
+            _ => busy,
         }
     }
 }
@@ -603,7 +608,10 @@ async fn serve_stream(
             return;
         }
     };
-    let response = inner.answer(peer, request).await;
+    let Reply {
+        value: response,
+        delivered,
+    } = inner.answer(peer, request).await;
     let (kind, body) = match response {
         BlobResponse::Encoded(bytes) => (RESPONSE_ENCODED, bytes),
         other => match wire::encode(&other) {
@@ -630,8 +638,11 @@ async fn serve_stream(
         bytes::Bytes::from(body),
     ];
     // A failed send means the peer has gone or given up on the request.
-    if send.write_all_chunks(&mut chunks).await.is_ok() {
-        let _ = send.finish();
+    let sent = send.write_all_chunks(&mut chunks).await.is_ok() && send.finish().is_ok();
+    if let Some(tx) = delivered {
+        // `stopped` yields `None` once the peer has acknowledged all of the stream.
+        let acknowledged = sent && matches!(send.stopped().await, Ok(None));
+        let _ = tx.send(acknowledged);
     }
 }
 
@@ -817,6 +828,36 @@ mod tests {
         };
         let answer = a.request(b_peer, &have).await.unwrap().unwrap();
         assert_eq!(answer, BlobResponse::Busy);
+    }
+
+    #[tokio::test]
+    async fn a_tracked_answer_reports_whether_the_peer_acknowledged_it() {
+        let a = node(31);
+        let mut b = node(32);
+        a.net.learn(b.peer, b.net.local_addr().unwrap());
+        // Answered while the requester waits: the server hears it was acknowledged.
+        let net = a.net.clone();
+        let b_peer = b.peer;
+        let asked = tokio::spawn(async move { net.request(b_peer, &groups(0, 100_000)).await });
+        let Some(NetEvent::BlobRequested { reply, .. }) = b.events.recv().await else {
+            panic!("the request reaches the server");
+        };
+        let fate = reply.send_tracked(BlobResponse::Encoded(vec![7; 100_000]));
+        let answer = asked.await.unwrap().unwrap().unwrap();
+        assert_eq!(answer, BlobResponse::Encoded(vec![7; 100_000]));
+        let fate = tokio::time::timeout(Duration::from_secs(10), fate).await;
+        assert_eq!(fate.unwrap(), Ok(true));
+        // The requester gives up before the answer: the server hears it was not.
+        let net = a.net.clone();
+        let asked = tokio::spawn(async move { net.request(b_peer, &groups(0, 10)).await });
+        let Some(NetEvent::BlobRequested { reply, .. }) = b.events.recv().await else {
+            panic!("the request reaches the server");
+        };
+        asked.abort();
+        let _ = asked.await;
+        let fate = reply.send_tracked(BlobResponse::Encoded(vec![7; 1_000_000]));
+        let fate = tokio::time::timeout(Duration::from_secs(10), fate).await;
+        assert_eq!(fate.unwrap(), Ok(false));
     }
 
     #[tokio::test]

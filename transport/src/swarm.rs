@@ -198,11 +198,35 @@ pub enum NetEvent {
 /// The way to answer one inbound request. Dropping it unanswered answers `Busy` (for
 /// ranges) or an empty response (for rpc), so a peer never waits for a timeout.
 #[derive(Debug)]
-pub struct Responder<T>(pub(crate) oneshot::Sender<T>);
+pub struct Responder<T>(pub(crate) oneshot::Sender<Reply<T>>);
+
+/// An answer as the transport receives it, with whoever waits to learn its fate.
+#[derive(Debug)]
+pub(crate) struct Reply<T> {
+    pub(crate) value: T,
+    pub(crate) delivered: Option<oneshot::Sender<bool>>,
+}
 
 impl<T> Responder<T> {
     pub fn send(self, value: T) {
-        let _ = self.0.send(value);
+        let _ = self.0.send(Reply {
+            value,
+            delivered: None,
+        });
+    }
+
+    /// Answers with `value` and says what became of it: `Ok(true)` once the peer has
+    /// acknowledged every byte of it, `Ok(false)` if it could not be delivered (the peer
+    /// went away or gave up on the request). Where acknowledgements cannot be seen (the
+    /// swarm's request-response path) the sender is dropped once the answer is handed to
+    /// the connection, and the receiver sees `Err`: the fate is unknown.
+    pub fn send_tracked(self, value: T) -> oneshot::Receiver<bool> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.0.send(Reply {
+            value,
+            delivered: Some(tx),
+        });
+        rx
     }
 }
 
@@ -1148,16 +1172,18 @@ fn split_event<Req, Resp>(
 }
 
 fn wait_answer<T: Send + 'static>(
-    rx: oneshot::Receiver<T>,
+    rx: oneshot::Receiver<Reply<T>>,
     wrap: fn(T) -> InboundAnswer,
     channel: InboundChannel,
 ) -> BoxFuture<'static, InboundReply> {
     async move {
+        // libp2p's request-response does not say when the peer acknowledged a response,
+        // so a tracked answer's fate stays unknown here (see `Responder::send_tracked`).
         let answer = tokio::time::timeout(Duration::from_millis(RESPONDER_MS_MAX), rx)
             .await
             .ok()
             .and_then(|r| r.ok())
-            .map(wrap);
+            .map(|reply| wrap(reply.value));
         (answer, channel)
     }
     .boxed()
