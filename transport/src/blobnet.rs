@@ -421,9 +421,9 @@ impl Inner {
         bans::lock(&self.banned).is_banned(peer, Instant::now())
     }
 
-    /// Hands one request to the node and waits for its answer; `Busy` when the node has
-    /// too many waiting, its queue is full, or it does not answer in time.
-    /// The node's answer to `request`, and who waits to learn whether it was delivered.
+    /// Hands one request to the node and waits for its answer (and whoever waits to
+    /// learn whether it was delivered); `Busy` when the node has too many waiting, its
+    /// queue is full, or it does not answer in time.
     async fn answer(&self, peer: PeerId, request: BlobRequest) -> Reply<BlobResponse> {
         let busy = Reply {
             value: BlobResponse::Busy,
@@ -639,9 +639,15 @@ async fn serve_stream(
     ];
     // A failed send means the peer has gone or given up on the request.
     let sent = send.write_all_chunks(&mut chunks).await.is_ok() && send.finish().is_ok();
-    if let Some(tx) = delivered {
-        // `stopped` yields `None` once the peer has acknowledged all of the stream.
-        let acknowledged = sent && matches!(send.stopped().await, Ok(None));
+    if let Some(mut tx) = delivered {
+        // `stopped` yields `None` once the peer has acknowledged all of the stream. The
+        // wait ends early when nobody listens any more (the node waits a bounded time),
+        // so the stream is not held for nothing.
+        let acknowledged = sent
+            && tokio::select! {
+                stopped = send.stopped() => matches!(stopped, Ok(None)),
+                _ = tx.closed() => false,
+            };
         let _ = tx.send(acknowledged);
     }
 }

@@ -218,8 +218,9 @@ impl<T> Responder<T> {
     /// Answers with `value` and says what became of it: `Ok(true)` once the peer has
     /// acknowledged every byte of it, `Ok(false)` if it could not be delivered (the peer
     /// went away or gave up on the request). Where acknowledgements cannot be seen (the
-    /// swarm's request-response path) the sender is dropped once the answer is handed to
-    /// the connection, and the receiver sees `Err`: the fate is unknown.
+    /// swarm's request-response path) the sender is dropped as soon as the transport
+    /// takes the answer, before it is sent, and the receiver sees `Err`: the fate is
+    /// unknown.
     pub fn send_tracked(self, value: T) -> oneshot::Receiver<bool> {
         let (tx, rx) = oneshot::channel();
         let _ = self.0.send(Reply {
