@@ -540,15 +540,6 @@ mod tests {
         }
     }
 
-    fn seed() -> u64 {
-        let seed: u64 = std::env::var("MESH_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        println!("swarm model seed={seed} (replay with MESH_TEST_SEED={seed})");
-        seed
-    }
-
     /// The uplink rate `explore` models, `SWARM_MBIT` or 5 Mbit/s.
     fn mbit() -> f64 {
         std::env::var("SWARM_MBIT")
@@ -563,7 +554,7 @@ mod tests {
     /// ends with the blob and the uplinks carry little more than one copy per node.
     #[test]
     fn a_fleet_spreads_a_blob_near_the_bound_and_grows_slower_than_log_n() {
-        let seed = seed();
+        let seed = crate::restart::test_seed();
         // The shaped benchmark's thin and thick uplinks: on the thick one, round trips
         // and queues weigh more against a blob-time of under seven seconds.
         for mbit in [5.0, 20.0] {
@@ -617,7 +608,7 @@ mod tests {
     #[test]
     #[ignore = "exploration: prints the model's figures for fleets of 8 to 64"]
     fn explore() {
-        let seed = seed();
+        let seed = crate::restart::test_seed();
         let sizes: Vec<usize> = std::env::var("SWARM_NODES")
             .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
             .unwrap_or(vec![8, 16, 32, 64]);
